@@ -8,10 +8,11 @@ Layouts (TransformerLens order, C-contiguous float32):
 
 Every kernel writes into output arrays that the caller provides (the FFI handlers in
 ``kernels/ffi.py`` hand in XLA's own buffers, zero-copy) and keeps no state between calls: scratch
-is allocated inside each call (per worker), so the kernels are reentrant and may be called from
-several XLA threads at once. Work is split over batch x head: ``prange`` workers take
-(batch, head) items from a per-call atomic counter; each item is computed by one thread in a
-fixed order, so results are bitwise independent of the number of threads.
+is allocated inside each call, so the kernels are reentrant and may be called from several XLA
+threads at once. Work is split over batch x head items, claimed from a shared atomic counter (see
+"Work distribution" below); each item is computed by one thread in a fixed order, so results are
+bitwise independent of the number of threads. The kernels themselves are serial: the FFI handlers
+run one on several of XLA's own threads at once (no second thread pool competing for the cores).
 
 The fused forward never materialises the [query, key] pattern: it works on blocks of 8 query
 rows, holding only their scores (8 x pos floats) at a time. Within a block the softmax is exact
@@ -36,11 +37,8 @@ How the fused kernels are fast:
 
 from __future__ import annotations
 
-import os
-
-import numba
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic
 from tinyinterp.kernels.simd import (
     LANES,
@@ -60,16 +58,6 @@ from tinyinterp.kernels.simd import (
     vzero,
 )
 
-# XLA may run two of our kernels at once from different threads. Numba's "workqueue" layer aborts
-# on concurrent parallel launches; "threadsafe" picks TBB or OpenMP, which allow them. A user's
-# explicit NUMBA_THREADING_LAYER wins.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "threadsafe"
-# With OpenMP, idle team threads spin after each kernel by default and take CPU from XLA's own
-# threads (and from everyone on a shared machine). Sleep instead, unless the user chose otherwise.
-# Only effective if libgomp is not loaded yet (Numba loads it at the first parallel launch).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 # No 'nnan'/'ninf': NaN and inf must propagate exactly as in the XLA reference.
 FASTMATH = {"contract", "reassoc", "nsz", "arcp", "afn"}
 
@@ -77,13 +65,13 @@ _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
 
 
-# Work distribution: prange hands each thread a static slice of "worker" iterations; the first
-# worker on each thread takes (batch, head) items from a shared atomic counter until none are
-# left, the others find it empty (and return before allocating any scratch). That balances load
-# when a thread is descheduled (shared machines) without numba.get_num_threads() or
-# set_parallel_chunksize, which cannot be cached.
-# Each item is still computed by one thread in a fixed order: results do not depend on threads.
-_MAX_WORKERS = 256
+# Work distribution: every kernel computes (batch, head) items. It is called with one item that
+# its caller already claimed (``first``) and claims more from a shared counter (counter[0] is the
+# next unclaimed item) until none are left; it returns how many it computed. The FFI handlers
+# (kernels/ffi.py) run a kernel on several of XLA's own threads at once, all sharing one counter:
+# that balances load when a thread is descheduled (shared machines). Each item is computed by one
+# thread in a fixed order, so results do not depend on the number of threads. To run a kernel
+# on one thread: kernel(..., np.ones(1, np.int64), 0).
 
 
 @intrinsic
@@ -95,6 +83,12 @@ def _fetch_add(typingctx, counter, value):
         return builder.atomic_rmw("add", ary.data, args[1], "monotonic")
 
     return types.int64(counter, types.int64), codegen
+
+
+@njit(cache=True, inline="always")
+def _claim(counter, n_items):
+    """The next unclaimed item of a shared counter (>= n_items: none left)."""
+    return _fetch_add(counter, 1)
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -337,15 +331,16 @@ def _accumulate_outer(acc, n, w, rows, i0, n_cols):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _fwd_worker(q, k, v, offsets, scale, z, lse, scores, pattern, next_item):
-    """Takes (batch, head) items from the shared counter until none are left; scratch is
-    allocated once per worker and reused for every item. ``scores`` / ``pattern`` are written
-    only when they are not empty (someone caches them). Head h of q, k, v is at head index
-    h + offsets[0], [1], [2] of its array (packed q/k/v share one array)."""
+def attention_fwd(q, k, v, offsets, scale, z, lse, scores, pattern, counter, first):
+    """Fused causal attention forward for (batch, head) items: ``first`` (already claimed), then
+    items claimed from ``counter`` (see _claim) until none are left. Returns how many it computed.
+
+    Writes z [b, pos, h, d] and lse [b, h, pos], and, unless they are empty (shape[0] == 0), the
+    scaled masked scores and the pattern [b, h, q, k] too. q, k, v are [b, pos, heads', d]; head
+    h is read at index h + offsets[i] (offsets (0, 0, 0) for separate arrays; (0, h, 2h) for one
+    packed [b, pos, 3 * h, d] array). Scratch is allocated once per call."""
     n_batch, n_pos, n_heads, d_head = z.shape
-    bh = _fetch_add(next_item, 1)
-    if bh >= n_batch * n_heads:
-        return  # the other workers took every item: allocate no scratch
+    bh, count = first, 0
     pp = (n_pos + _L - 1) // _L * _L  # keys padded to whole tiles
     dp = (d_head + _L - 1) // _L * _L  # head dimension padded to whole vectors
     qs = np.zeros((pp + _BLOCK, d_head), np.float32)  # q * scale; rows padded to whole blocks
@@ -394,19 +389,9 @@ def _fwd_worker(q, k, v, offsets, scale, z, lse, scores, pattern, next_item):
             _rows_times_mat(zb, s, n, vp, dp)  # unnormalised P V
             for r in range(rows):
                 _scale_row(zb[r], z[b, i0 + r, h], _ONE / totals[r])
-        bh = _fetch_add(next_item, 1)
-
-
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
-def attention_fwd(q, k, v, offsets, scale, z, lse, scores, pattern):
-    """Fused causal attention forward. Writes z [b, pos, h, d] and lse [b, h, pos], and, unless
-    they are empty (shape[0] == 0), the scaled masked scores and the pattern [b, h, q, k] too.
-
-    q, k, v are [b, pos, heads', d]; head h is read at index h + offsets[i] (offsets (0, 0, 0)
-    for separate arrays; (0, h, 2h) for one packed [b, pos, 3 * h, d] array)."""
-    next_item = np.zeros(1, np.int64)  # shared work counter of this call
-    for _ in prange(min(z.shape[0] * z.shape[2], _MAX_WORKERS)):  # see _MAX_WORKERS
-        _fwd_worker(q, k, v, offsets, scale, z, lse, scores, pattern, next_item)
+        count += 1
+        bh = _claim(counter, n_batch * n_heads)
+    return count
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -418,16 +403,16 @@ def _p_ds(scores, dp, shift, delta, p_row, ds_row, j):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _bwd_worker(q, k, v, offsets, z, lse, dz, scale, dq, dk, dv, next_item):
-    """Backward for (batch, head) items from the shared counter; scratch allocated once.
+def attention_bwd(q, k, v, offsets, z, lse, dz, scale, dq, dk, dv, counter, first):
+    """Backward of attention_fwd for (batch, head) items (``first``, then claimed from ``counter``;
+    returns how many): writes dq, dk, dv (laid out as q, k, v, with the same head offsets; they
+    may be one packed array). Recomputes P from lse; scratch allocated once per call.
 
     Per block of 8 query rows: P = exp(scores - lse) (recomputed), dP = dz V^T, dS = P (dP - delta)
     with delta_i = dz_i . z_i, then dQ = dS K * scale, dK += dS^T (q * scale), dV += P^T dz.
     The offsets place head h in q, k, v and in dq, dk, dv alike (see attention_fwd)."""
     n_batch, n_pos, n_heads, d_head = z.shape
-    bh = _fetch_add(next_item, 1)
-    if bh >= n_batch * n_heads:
-        return  # the other workers took every item: allocate no scratch
+    bh, count = first, 0
     pp = (n_pos + _L - 1) // _L * _L
     dp = (d_head + _L - 1) // _L * _L
     qs = np.zeros((pp + _BLOCK, dp), np.float32)  # q * scale, padded rows and columns
@@ -480,16 +465,9 @@ def _bwd_worker(q, k, v, offsets, z, lse, dz, scale, dq, dk, dv, next_item):
         for t in range(n_pos):
             _scale_row(dkp[t], dk[b, t, hk], _ONE)
             _scale_row(dvp[t], dv[b, t, hv], _ONE)
-        bh = _fetch_add(next_item, 1)
-
-
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
-def attention_bwd(q, k, v, offsets, z, lse, dz, scale, dq, dk, dv):
-    """Backward of attention_fwd: writes dq, dk, dv (laid out as q, k, v, with the same head
-    offsets; they may be one packed array); recomputes P from lse."""
-    next_item = np.zeros(1, np.int64)  # shared work counter of this call
-    for _ in prange(min(z.shape[0] * z.shape[2], _MAX_WORKERS)):  # see _MAX_WORKERS
-        _bwd_worker(q, k, v, offsets, z, lse, dz, scale, dq, dk, dv, next_item)
+        count += 1
+        bh = _claim(counter, n_batch * n_heads)
+    return count
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -542,16 +520,17 @@ def _scores_slice(q, k, b, h, scale, scores):
             row[j] = neg_inf
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
-def scores_fwd(q, k, scale, scores):
-    """scores [b, h, q, k] = scale * q . k for key <= query, -inf above the diagonal."""
+@njit(cache=True, fastmath=FASTMATH)
+def scores_fwd(q, k, scale, scores, counter, first):
+    """scores [b, h, q, k] = scale * q . k for key <= query, -inf above the diagonal.
+    Items ``first``, then claimed from ``counter``; returns how many."""
     n_batch, n_heads = q.shape[0], q.shape[2]
-    next_item = np.zeros(1, np.int64)  # shared work counter of this call
-    for _ in prange(min(n_batch * n_heads, _MAX_WORKERS)):  # see _MAX_WORKERS
-        bh = _fetch_add(next_item, 1)
-        while bh < n_batch * n_heads:
-            _scores_slice(q, k, bh // n_heads, bh % n_heads, scale, scores)
-            bh = _fetch_add(next_item, 1)
+    bh, count = first, 0
+    while bh < n_batch * n_heads:
+        _scores_slice(q, k, bh // n_heads, bh % n_heads, scale, scores)
+        count += 1
+        bh = _claim(counter, n_batch * n_heads)
+    return count
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -593,16 +572,17 @@ def _scores_bwd_slice(q, k, dscores, b, h, scale, dq, dk):
             dk[b, t, h, d] = dkt[d, t]
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
-def scores_bwd(q, k, dscores, scale, dq, dk):
-    """Backward of scores_fwd: dq, dk [b, pos, h, d] from dscores [b, h, q, k] (masked part ignored)."""
+@njit(cache=True, fastmath=FASTMATH)
+def scores_bwd(q, k, dscores, scale, dq, dk, counter, first):
+    """Backward of scores_fwd: dq, dk [b, pos, h, d] from dscores [b, h, q, k] (masked part ignored).
+    Items ``first``, then claimed from ``counter``; returns how many."""
     n_batch, n_heads = q.shape[0], q.shape[2]
-    next_item = np.zeros(1, np.int64)  # shared work counter of this call
-    for _ in prange(min(n_batch * n_heads, _MAX_WORKERS)):  # see _MAX_WORKERS
-        bh = _fetch_add(next_item, 1)
-        while bh < n_batch * n_heads:
-            _scores_bwd_slice(q, k, dscores, bh // n_heads, bh % n_heads, scale, dq, dk)
-            bh = _fetch_add(next_item, 1)
+    bh, count = first, 0
+    while bh < n_batch * n_heads:
+        _scores_bwd_slice(q, k, dscores, bh // n_heads, bh % n_heads, scale, dq, dk)
+        count += 1
+        bh = _claim(counter, n_batch * n_heads)
+    return count
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -633,16 +613,17 @@ def _apply_slice(pattern, v, b, h, z):
             z[b, i, h, d] = zrow[d]
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
-def apply_fwd(pattern, v, z):
-    """z[b, i, h] = sum_j pattern[b, h, i, j] v[b, j, h] (every j that carries weight)."""
+@njit(cache=True, fastmath=FASTMATH)
+def apply_fwd(pattern, v, z, counter, first):
+    """z[b, i, h] = sum_j pattern[b, h, i, j] v[b, j, h] (every j that carries weight).
+    Items ``first``, then claimed from ``counter``; returns how many."""
     n_batch, n_heads = v.shape[0], v.shape[2]
-    next_item = np.zeros(1, np.int64)  # shared work counter of this call
-    for _ in prange(min(n_batch * n_heads, _MAX_WORKERS)):  # see _MAX_WORKERS
-        bh = _fetch_add(next_item, 1)
-        while bh < n_batch * n_heads:
-            _apply_slice(pattern, v, bh // n_heads, bh % n_heads, z)
-            bh = _fetch_add(next_item, 1)
+    bh, count = first, 0
+    while bh < n_batch * n_heads:
+        _apply_slice(pattern, v, bh // n_heads, bh % n_heads, z)
+        count += 1
+        bh = _claim(counter, n_batch * n_heads)
+    return count
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -678,13 +659,14 @@ def _apply_bwd_slice(pattern, v, dz, b, h, dpattern, dv):
             dv[b, t, h, d] = dvt[d, t]
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
-def apply_bwd(pattern, v, dz, dpattern, dv):
-    """Backward of apply_fwd: dpattern [b, h, q, k] (full) and dv [b, pos, h, d]."""
+@njit(cache=True, fastmath=FASTMATH)
+def apply_bwd(pattern, v, dz, dpattern, dv, counter, first):
+    """Backward of apply_fwd: dpattern [b, h, q, k] (full) and dv [b, pos, h, d].
+    Items ``first``, then claimed from ``counter``; returns how many."""
     n_batch, n_heads = v.shape[0], v.shape[2]
-    next_item = np.zeros(1, np.int64)  # shared work counter of this call
-    for _ in prange(min(n_batch * n_heads, _MAX_WORKERS)):  # see _MAX_WORKERS
-        bh = _fetch_add(next_item, 1)
-        while bh < n_batch * n_heads:
-            _apply_bwd_slice(pattern, v, dz, bh // n_heads, bh % n_heads, dpattern, dv)
-            bh = _fetch_add(next_item, 1)
+    bh, count = first, 0
+    while bh < n_batch * n_heads:
+        _apply_bwd_slice(pattern, v, dz, bh // n_heads, bh % n_heads, dpattern, dv)
+        count += 1
+        bh = _claim(counter, n_batch * n_heads)
+    return count

@@ -21,15 +21,33 @@ x86-64 / aarch64 LP64 (8-byte pointers, size_t and int64; 4-byte enums with padd
     XLA_FFI_Metadata    struct_size@0 api_version@8: {struct_size@8 ext@16 major@24 minor@28}
                         traits@32(u32) state_type_id@40  (STRUCT_SIZE 36)
     XLA_FFI_Api         struct_size@0 ext@8 api_version@16: {.. major@32 minor@36}
-                        internal_api@40 XLA_FFI_Error_Create@48
+                        internal_api@40 XLA_FFI_Error_Create@48 XLA_FFI_Error_Destroy@64
+                        XLA_FFI_ThreadPool_Schedule@136 XLA_FFI_ThreadPool_NumThreads@144
     XLA_FFI_Error_Create_Args   struct_size@0 ext@8 message@16 errc@24(i32)  (STRUCT_SIZE 28)
+    XLA_FFI_Error_Destroy_Args  struct_size@0 ext@8 error@16                 (STRUCT_SIZE 24)
+    XLA_FFI_ThreadPool_Schedule_Args   struct_size@0 ext@8 ctx@16 task@24 data@32  (SIZE 40)
+    XLA_FFI_ThreadPool_NumThreads_Args struct_size@0 ext@8 ctx@16 num_threads@24   (SIZE 32)
 
 The handshake: when XLA registers a handler it calls it once with a call frame whose extension
 chain holds an ``XLA_FFI_Metadata_Extension``; the handler answers by writing the FFI API version
 it was written against (0.3) and its traits (0) and returns NULL. Errors are reported by calling
 ``api->XLA_FFI_Error_Create`` and returning the error it makes; NULL means success.
 
-Before a kernel runs, the handler clears the upper vector-register state (``vzeroupper``): XLA's
+Threads: the kernels are serial; a handler runs its kernel on XLA's own intra-op thread pool
+(``api->XLA_FFI_ThreadPool_Schedule``, API 0.3), the pool that runs XLA's other work, so no second
+pool competes with it for the cores. The handler puts a small job record on the heap (malloc):
+a reference count, the shared item counter, the number of items done, the number of items, the
+call frame and the scale. It schedules one task per other pool thread, runs the task itself,
+then waits until every item is done (a spin of at most one item's time: it waits only for items
+that a running thread has claimed, never for a task still in the queue, so two handlers running
+at once cannot deadlock). A task that starts after all items were claimed finds nothing to do
+and only drops its reference; the last reference frees the record. The task is a second
+``@cfunc`` per target; its address reaches the handler as the int64 attribute ``task`` (a
+cached handler must not hold an address from the process that compiled it). Tasks read the
+call frame only after claiming an item, i.e. while the handler is still waiting for it. Without
+a pool (or if scheduling fails), the handler's own call does every item.
+
+Before a kernel runs, the task clears the upper vector-register state (``vzeroupper``): XLA's
 AVX-512 code leaves it dirty, which made the kernels 1.8x slower under XLA than called directly.
 """
 
@@ -40,6 +58,7 @@ import threading
 import numpy as np
 from llvmlite import ir
 from numba import carray, cfunc, njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 from tinyinterp.kernels.attention import (
     apply_bwd,
@@ -58,11 +77,20 @@ METADATA_STRUCT_SIZE = 36
 API_VERSION_STRUCT_SIZE = 24
 EXTENSION_METADATA = 1
 STAGE_EXECUTE = 3
+DTYPE_S64 = 5
 DTYPE_F32 = 11
+ATTR_SCALAR = 3
+API_THREAD_POOL_END = 152  # api->struct_size must reach past XLA_FFI_ThreadPool_NumThreads
 ERR_INVALID_ARGUMENT = 3
+ERR_RESOURCE_EXHAUSTED = 8
 ERR_UNIMPLEMENTED = 12
 
 HANDLER_SIGNATURE = types.voidptr(types.voidptr)
+TASK_SIGNATURE = types.void(types.voidptr)
+
+# The job record a handler shares with its tasks: int64 slots (see the module docstring).
+_JOB_REFS, _JOB_NEXT, _JOB_DONE, _JOB_ITEMS, _JOB_FRAME, _JOB_SCALE = 0, 8, 16, 24, 32, 40
+_JOB_SIZE = 48
 
 _METADATA_TOO_SMALL = "tinyinterp attention: XLA FFI metadata struct too small"
 
@@ -128,12 +156,147 @@ def _store_i32(typingctx, addr, value):
 
 
 @intrinsic
+def _store_f32(typingctx, addr, value):
+    def codegen(context, builder, signature, args):
+        builder.store(args[1], builder.inttoptr(args[0], ir.FloatType().as_pointer()))
+        return context.get_dummy_value()
+
+    return types.none(types.int64, types.float32), codegen
+
+
+@intrinsic
 def _store_i64(typingctx, addr, value):
     def codegen(context, builder, signature, args):
         builder.store(args[1], builder.inttoptr(args[0], _I64.as_pointer()))
         return context.get_dummy_value()
 
     return types.none(types.int64, types.int64), codegen
+
+
+@intrinsic
+def _atomic_add(typingctx, addr, value):
+    """Atomically *addr += value (int64); returns the old value."""
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], _I64.as_pointer())
+        return builder.atomic_rmw("add", ptr, args[1], "seq_cst")
+
+    return types.int64(types.int64, types.int64), codegen
+
+
+@intrinsic
+def _malloc(typingctx, size):
+    """C malloc; returns the address (0 if out of memory)."""
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i8p, [_I64]), "malloc")
+        return builder.ptrtoint(builder.call(fn, [args[0]]), _I64)
+
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def _free(typingctx, addr):
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p]),
+                                            "free")
+        builder.call(fn, [builder.inttoptr(args[0], i8p)])
+        return context.get_dummy_value()
+
+    return types.none(types.int64), codegen
+
+
+def _host_is_x86() -> bool:
+    try:
+        from llvmlite import binding
+
+        return binding.get_process_triple().startswith(("x86_64", "i686", "i386"))
+    except Exception:  # noqa: BLE001 - unknown: do not emit the instruction
+        return False
+
+
+@intrinsic
+def _spin_pause(typingctx):
+    """The x86 'pause' hint inside a spin-wait loop (nothing elsewhere)."""
+
+    def codegen(context, builder, signature, args):
+        if _host_is_x86():
+            fn = builder.module.declare_intrinsic("llvm.x86.sse2.pause",
+                                                  fnty=ir.FunctionType(ir.VoidType(), []))
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
+def _call_task(typingctx, fn_addr, data):
+    """Calls the C function void task(void* data) at fn_addr."""
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i8p])
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [builder.inttoptr(args[1], i8p)])
+        return context.get_dummy_value()
+
+    return types.none(types.int64, types.int64), codegen
+
+
+def _api_call(builder, api_addr, offset, values):
+    """Calls the XLA_FFI_Api function at `offset` with a freshly filled args struct of int64
+    slots (`values`); returns the XLA_FFI_Error* (or NULL) as int64 and the struct."""
+    frame = _entry_alloca_i64(builder, len(values))
+    for i, value in enumerate(values):
+        builder.store(value, builder.gep(frame, [ir.Constant(_I64, i)]))
+    i8p = ir.IntType(8).as_pointer()
+    fn_addr = builder.load(
+        builder.inttoptr(builder.add(api_addr, ir.Constant(_I64, offset)), _I64.as_pointer()))
+    fn = builder.inttoptr(fn_addr, ir.FunctionType(i8p, [i8p]).as_pointer())
+    return builder.ptrtoint(builder.call(fn, [builder.bitcast(frame, i8p)]), _I64), frame
+
+
+def _drop_error(builder, api_addr, err):
+    """If err is not NULL: api->XLA_FFI_Error_Destroy(err). Returns err != NULL (i1)."""
+    failed = builder.icmp_unsigned("!=", err, ir.Constant(_I64, 0))
+    with builder.if_then(failed):
+        frame = _entry_alloca_i64(builder, 3)
+        for i, value in enumerate((ir.Constant(_I64, 24), ir.Constant(_I64, 0), err)):
+            builder.store(value, builder.gep(frame, [ir.Constant(_I64, i)]))
+        i8p = ir.IntType(8).as_pointer()
+        fn_addr = builder.load(
+            builder.inttoptr(builder.add(api_addr, ir.Constant(_I64, 64)), _I64.as_pointer()))
+        fn = builder.inttoptr(fn_addr, ir.FunctionType(ir.VoidType(), [i8p]).as_pointer())
+        builder.call(fn, [builder.bitcast(frame, i8p)])
+    return failed
+
+
+@intrinsic
+def _pool_threads(typingctx, api, ctx):
+    """api->XLA_FFI_ThreadPool_NumThreads(ctx); 0 if it fails (no pool)."""
+
+    def codegen(context, builder, signature, args):
+        out = _entry_alloca_i64(builder, 1)
+        builder.store(ir.Constant(_I64, 0), out)
+        err, _ = _api_call(builder, args[0], 144, [
+            ir.Constant(_I64, 32), ir.Constant(_I64, 0), args[1], builder.ptrtoint(out, _I64)])
+        failed = _drop_error(builder, args[0], err)
+        return builder.select(failed, ir.Constant(_I64, 0), builder.load(out))
+
+    return types.int64(types.int64, types.int64), codegen
+
+
+@intrinsic
+def _pool_schedule(typingctx, api, ctx, task, data):
+    """api->XLA_FFI_ThreadPool_Schedule(ctx, task, data); True if the task was scheduled."""
+
+    def codegen(context, builder, signature, args):
+        err, _ = _api_call(builder, args[0], 136, [
+            ir.Constant(_I64, 40), ir.Constant(_I64, 0), args[1], args[2], args[3]])
+        return builder.not_(_drop_error(builder, args[0], err))
+
+    return types.boolean(types.int64, types.int64, types.int64, types.int64), codegen
 
 
 @intrinsic(prefer_literal=True)
@@ -305,12 +468,12 @@ def _view_packed(buf):
 
 
 @_njit_helper
-def _scalar_f32_attr(frame, i):
-    """(ok, value) of the i-th attribute, which must be a float32 scalar."""
+def _scalar_attr(frame, i):
+    """(dtype, address of the value) of the i-th attribute if it is a scalar, else (-1, 0)."""
+    if _load_i32(_load_i64(frame + 144) + 4 * i) != ATTR_SCALAR:
+        return -1, 0
     scalar = _load_i64(_load_i64(frame + 160) + 8 * i)
-    if _load_i32(_load_i64(frame + 144) + 4 * i) != 3 or _load_i32(scalar) != DTYPE_F32:
-        return False, np.float32(0.0)
-    return True, _load_f32(_load_i64(scalar + 8))
+    return _load_i32(scalar), _load_i64(scalar + 8)
 
 
 @_njit_helper
@@ -333,186 +496,313 @@ _RUN = -1  # from _enter: go on and run the kernel (anything else is the handler
 
 @_njit_helper
 def _enter(call_frame, ranks_args, ranks_rets, with_scale):
-    """What every handler does first: (frame address, _RUN or the address to return, scale).
+    """What every handler does first: (frame address, _RUN or the address to return, scale, task).
 
     Answers XLA's metadata query and the stages other than execute (return NULL); checks the call
     frame (FFI API major version, numbers of arguments, results and attributes), that every
-    buffer is float32 with the given rank (plus the same leading vmap dims) and, if
-    ``with_scale``, that the one attribute is a float32 scalar. A failed check returns an
-    XLA_FFI_Error* that says which check failed (XLA adds the custom call it came from)."""
+    buffer is float32 with the given rank (plus the same leading vmap dims) and that the
+    attributes are the task's address (an int64 scalar) and, if ``with_scale``, the scale (a
+    float32 scalar). A failed check returns an XLA_FFI_Error* that says which check failed (XLA
+    adds the custom call it came from)."""
     frame = _addr(call_frame)
     api = _load_i64(frame + 16)
+    scale = np.float32(0.0)
     status = _prologue(frame)
     if status == 1:
-        return frame, 0, np.float32(0.0)
+        return frame, 0, scale, 0
     if status == -1:
-        return frame, _ffi_error(api, ERR_UNIMPLEMENTED, _METADATA_TOO_SMALL), np.float32(0.0)
+        return frame, _ffi_error(api, ERR_UNIMPLEMENTED, _METADATA_TOO_SMALL), scale, 0
     n_args, n_rets = len(ranks_args), len(ranks_rets)
-    if not _frame_ok(frame, n_args, n_rets, 1 if with_scale else 0):
+    n_attrs = 2 if with_scale else 1
+    if not _frame_ok(frame, n_args, n_rets, n_attrs):
         return frame, _ffi_error(api, ERR_INVALID_ARGUMENT,
                                  "tinyinterp attention kernel: unexpected XLA FFI call frame (API"
                                  " version, or the number of arguments, results or attributes)"
-                                 ), np.float32(0.0)
+                                 ), scale, 0
     if not _all_f32_rank(frame, n_args, n_rets, ranks_args, ranks_rets):
         return frame, _ffi_error(api, ERR_INVALID_ARGUMENT,
                                  "tinyinterp attention kernel: a buffer is not float32 or does not"
-                                 " have the expected rank"), np.float32(0.0)
-    scale = np.float32(0.0)
-    if with_scale:
-        ok, scale = _scalar_f32_attr(frame, 0)
-        if not ok:
-            return frame, _ffi_error(api, ERR_INVALID_ARGUMENT,
-                                     "tinyinterp attention kernel: attribute 'scale' must be a"
-                                     " float32 scalar"), scale
+                                 " have the expected rank"), scale, 0
+    task, n_scales = 0, 0
+    for i in range(n_attrs):
+        dtype, value = _scalar_attr(frame, i)
+        if dtype == DTYPE_F32:
+            scale, n_scales = _load_f32(value), n_scales + 1
+        elif dtype == DTYPE_S64:
+            task = _load_i64(value)
+    if task == 0 or n_scales != n_attrs - 1:
+        return frame, _ffi_error(api, ERR_INVALID_ARGUMENT,
+                                 "tinyinterp attention kernel: the attributes must be 'task' (the"
+                                 " int64 address of the target's task) and, for kernels with a"
+                                 " scale, 'scale' (a float32 scalar)"), scale, 0
+    return frame, _RUN, scale, task
+
+
+@_njit_helper
+def _release(job):
+    """Drops one reference to a job record; the last one frees it."""
+    if _atomic_add(job + _JOB_REFS, -1) == 1:
+        _free(job)
+
+
+@_njit_helper
+def _run_job(frame, task, n_items, scale):
+    """Runs `task` on this thread and on the other threads of XLA's pool until all `n_items`
+    (batch, head) items are done (see the module docstring). Returns 0, or an XLA_FFI_Error*."""
+    api, ctx = _load_i64(frame + 16), _load_i64(frame + 24)
+    job = _malloc(_JOB_SIZE)
+    if job == 0:
+        return _ffi_error(api, ERR_RESOURCE_EXHAUSTED,
+                          "tinyinterp attention kernel: out of memory for a 48-byte job record")
+    _store_i64(job + _JOB_REFS, 2)  # this handler and its own call of the task
+    _store_i64(job + _JOB_NEXT, 0)
+    _store_i64(job + _JOB_DONE, 0)
+    _store_i64(job + _JOB_ITEMS, n_items)
+    _store_i64(job + _JOB_FRAME, frame)
+    _store_f32(job + _JOB_SCALE, scale)
+    if _load_i64(api) >= API_THREAD_POOL_END and n_items > 1:
+        for _ in range(min(_pool_threads(api, ctx) - 1, n_items - 1)):
+            _atomic_add(job + _JOB_REFS, 1)
+            if not _pool_schedule(api, ctx, task, job):
+                _atomic_add(job + _JOB_REFS, -1)  # not scheduled: no reference to drop later
+                break
+    _call_task(task, job)
+    while _atomic_add(job + _JOB_DONE, 0) < n_items:  # items claimed by a running pool thread
+        _spin_pause()
+    _release(job)
+    return 0
+
+
+@_njit_helper
+def _task_begin(data):
+    """(job, first item claimed) for a task; first is -1 when every item was already claimed
+    (the task must then not touch the call frame: its handler may have returned)."""
+    job = _addr(data)
+    first = _atomic_add(job + _JOB_NEXT, 1)
+    if first >= _load_i64(job + _JOB_ITEMS):
+        return job, -1
     _clear_upper_vector_state()
-    return frame, _RUN, scale
+    return job, first
+
+
+@_njit_helper
+def _task_end(job, n_done):
+    if n_done > 0:
+        _atomic_add(job + _JOB_DONE, n_done)
+    _release(job)
+
+
+@_njit_helper
+def _job_counter(job):
+    """The job's item counter as the 1-element int64 array the kernels claim items from."""
+    return carray(_voidptr(job + _JOB_NEXT), (1,), np.int64)
+
+
+@_njit_helper
+def _job_frame(job):
+    return _load_i64(job + _JOB_FRAME), _load_f32(job + _JOB_SCALE)
+
+
+@_njit_helper
+def _n_items(buf):
+    """batch x heads of a [*lead, pos, head, d] buffer: the kernels' work items."""
+    x = _view4(buf)
+    return x.shape[0] * x.shape[2]
 
 
 # ---- handlers -------------------------------------------------------------------------------
 
 
-def _warm_up(kernel: str) -> None:
-    """Run one parallel kernel once from Python before a handler that calls it is compiled or
-    loaded from Numba's cache. This starts Numba's threading layer, which also defines the runtime
-    symbols (e.g. ``allocate_sched``) that a cached parallel kernel links against: without it, a
-    handler loaded from the cache aborts with "LLVM ERROR: Symbol not found"."""
-    x = np.zeros((1, 2, 1, 1), np.float32)
-    lse = np.zeros((1, 1, 2), np.float32)
-    scale = np.float32(1.0)
-    pattern = np.zeros((1, 1, 2, 2), np.float32)
-    if kernel == "attention_fwd":
-        attention_fwd(x, x, x, (0, 0, 0), scale, np.empty_like(x), lse, np.empty_like(pattern),
-                      np.empty_like(pattern))
-    elif kernel == "attention_bwd":
-        attention_bwd(x, x, x, (0, 0, 0), x, lse, x, scale, np.empty_like(x), np.empty_like(x),
-                      np.empty_like(x))
-    elif kernel == "scores_fwd":
-        scores_fwd(x, x, scale, np.empty_like(pattern))
-    elif kernel == "scores_bwd":
-        scores_bwd(x, x, pattern, scale, np.empty_like(x), np.empty_like(x))
-    elif kernel == "apply_fwd":
-        apply_fwd(pattern, x, np.empty_like(x))
-    elif kernel == "apply_bwd":
-        apply_bwd(pattern, x, x, np.empty_like(pattern), np.empty_like(x))
-    else:
-        raise ValueError(f"unknown kernel {kernel!r}")
-
-
-
-
 def attention_fwd_handler(call_frame):
-    """args q, k, v [b, pos, h, d]; attr scale (f32); rets z [b, pos, h, d], lse [b, h, pos],
-    scores and pattern [b, h, q, k]; an empty scores or pattern buffer is not written."""
-    frame, done, scale = _enter(call_frame, (4, 4, 4), (4, 3, 4, 4), True)
-    if done != _RUN:
-        return _voidptr(done)
-    attention_fwd(_view4(_arg(frame, 0)), _view4(_arg(frame, 1)), _view4(_arg(frame, 2)),
-                  (0, 0, 0), scale, _view4(_ret(frame, 0)), _view3(_ret(frame, 1)),
-                  _view4(_ret(frame, 2)), _view4(_ret(frame, 3)))
-    return _voidptr(0)
+    """args q, k, v [b, pos, h, d]; attrs scale (f32), task; rets z [b, pos, h, d],
+    lse [b, h, pos], scores and pattern [b, h, q, k]; an empty scores or pattern is not written."""
+    frame, status, scale, task = _enter(call_frame, (4, 4, 4), (4, 3, 4, 4), True)
+    if status == _RUN:
+        status = _run_job(frame, task, _n_items(_ret(frame, 0)), scale)
+    return _voidptr(status)
+
+
+def attention_fwd_task(data):
+    job, first = _task_begin(data)
+    done = 0
+    if first >= 0:
+        frame, scale = _job_frame(job)
+        done = attention_fwd(_view4(_arg(frame, 0)), _view4(_arg(frame, 1)),
+                             _view4(_arg(frame, 2)), (0, 0, 0), scale, _view4(_ret(frame, 0)),
+                             _view3(_ret(frame, 1)), _view4(_ret(frame, 2)),
+                             _view4(_ret(frame, 3)), _job_counter(job), first)
+    _task_end(job, done)
 
 
 def attention_bwd_handler(call_frame):
-    """args q, k, v, z, lse, dz; attr scale (f32); rets dq, dk, dv [b, pos, h, d]."""
-    frame, done, scale = _enter(call_frame, (4, 4, 4, 4, 3, 4), (4, 4, 4), True)
-    if done != _RUN:
-        return _voidptr(done)
-    attention_bwd(_view4(_arg(frame, 0)), _view4(_arg(frame, 1)), _view4(_arg(frame, 2)),
-                  (0, 0, 0), _view4(_arg(frame, 3)), _view3(_arg(frame, 4)),
-                  _view4(_arg(frame, 5)), scale, _view4(_ret(frame, 0)), _view4(_ret(frame, 1)),
-                  _view4(_ret(frame, 2)))
-    return _voidptr(0)
+    """args q, k, v, z, lse, dz; attrs scale (f32), task; rets dq, dk, dv [b, pos, h, d]."""
+    frame, status, scale, task = _enter(call_frame, (4, 4, 4, 4, 3, 4), (4, 4, 4), True)
+    if status == _RUN:
+        status = _run_job(frame, task, _n_items(_arg(frame, 3)), scale)
+    return _voidptr(status)
 
 
-def scores_fwd_handler(call_frame):
-    """args q, k [b, pos, h, d]; attr scale (f32); ret scores [b, h, q, k]."""
-    frame, done, scale = _enter(call_frame, (4, 4), (4,), True)
-    if done != _RUN:
-        return _voidptr(done)
-    scores_fwd(_view4(_arg(frame, 0)), _view4(_arg(frame, 1)), scale, _view4(_ret(frame, 0)))
-    return _voidptr(0)
-
-
-def scores_bwd_handler(call_frame):
-    """args q, k, dscores; attr scale (f32); rets dq, dk."""
-    frame, done, scale = _enter(call_frame, (4, 4, 4), (4, 4), True)
-    if done != _RUN:
-        return _voidptr(done)
-    scores_bwd(_view4(_arg(frame, 0)), _view4(_arg(frame, 1)), _view4(_arg(frame, 2)), scale,
-               _view4(_ret(frame, 0)), _view4(_ret(frame, 1)))
-    return _voidptr(0)
-
-
-def apply_fwd_handler(call_frame):
-    """args pattern [b, h, q, k], v [b, pos, h, d]; ret z [b, pos, h, d]."""
-    frame, done, _ = _enter(call_frame, (4, 4), (4,), False)
-    if done != _RUN:
-        return _voidptr(done)
-    apply_fwd(_view4(_arg(frame, 0)), _view4(_arg(frame, 1)), _view4(_ret(frame, 0)))
-    return _voidptr(0)
-
-
-def apply_bwd_handler(call_frame):
-    """args pattern, v, dz; rets dpattern, dv."""
-    frame, done, _ = _enter(call_frame, (4, 4, 4), (4, 4), False)
-    if done != _RUN:
-        return _voidptr(done)
-    apply_bwd(_view4(_arg(frame, 0)), _view4(_arg(frame, 1)), _view4(_arg(frame, 2)),
-              _view4(_ret(frame, 0)), _view4(_ret(frame, 1)))
-    return _voidptr(0)
+def attention_bwd_task(data):
+    job, first = _task_begin(data)
+    done = 0
+    if first >= 0:
+        frame, scale = _job_frame(job)
+        done = attention_bwd(_view4(_arg(frame, 0)), _view4(_arg(frame, 1)),
+                             _view4(_arg(frame, 2)), (0, 0, 0), _view4(_arg(frame, 3)),
+                             _view3(_arg(frame, 4)), _view4(_arg(frame, 5)), scale,
+                             _view4(_ret(frame, 0)), _view4(_ret(frame, 1)),
+                             _view4(_ret(frame, 2)), _job_counter(job), first)
+    _task_end(job, done)
 
 
 def attention_fwd_qkv_handler(call_frame):
-    """args qkv [b, pos, 3, h, d]; attr scale (f32); rets z [b, pos, h, d], lse [b, h, pos],
-    scores and pattern [b, h, q, k] (each written only if not empty)."""
-    frame, done, scale = _enter(call_frame, (5,), (4, 3, 4, 4), True)
-    if done != _RUN:
-        return _voidptr(done)
-    x, n_heads = _view_packed(_arg(frame, 0))
-    attention_fwd(x, x, x, (0, n_heads, 2 * n_heads), scale, _view4(_ret(frame, 0)),
-                  _view3(_ret(frame, 1)), _view4(_ret(frame, 2)), _view4(_ret(frame, 3)))
-    return _voidptr(0)
+    """args qkv [b, pos, 3, h, d]; attrs scale (f32), task; rets z [b, pos, h, d],
+    lse [b, h, pos], scores and pattern [b, h, q, k] (each written only if not empty)."""
+    frame, status, scale, task = _enter(call_frame, (5,), (4, 3, 4, 4), True)
+    if status == _RUN:
+        status = _run_job(frame, task, _n_items(_ret(frame, 0)), scale)
+    return _voidptr(status)
+
+
+def attention_fwd_qkv_task(data):
+    job, first = _task_begin(data)
+    done = 0
+    if first >= 0:
+        frame, scale = _job_frame(job)
+        x, n_heads = _view_packed(_arg(frame, 0))
+        done = attention_fwd(x, x, x, (0, n_heads, 2 * n_heads), scale, _view4(_ret(frame, 0)),
+                             _view3(_ret(frame, 1)), _view4(_ret(frame, 2)),
+                             _view4(_ret(frame, 3)), _job_counter(job), first)
+    _task_end(job, done)
 
 
 def attention_bwd_qkv_handler(call_frame):
-    """args qkv [b, pos, 3, h, d], z, lse, dz; attr scale (f32); ret dqkv [b, pos, 3, h, d]."""
-    frame, done, scale = _enter(call_frame, (5, 4, 3, 4), (5,), True)
-    if done != _RUN:
-        return _voidptr(done)
-    x, n_heads = _view_packed(_arg(frame, 0))
-    dx, _ = _view_packed(_ret(frame, 0))
-    attention_bwd(x, x, x, (0, n_heads, 2 * n_heads), _view4(_arg(frame, 1)),
-                  _view3(_arg(frame, 2)), _view4(_arg(frame, 3)), scale, dx, dx, dx)
-    return _voidptr(0)
+    """args qkv [b, pos, 3, h, d], z, lse, dz; attrs scale (f32), task; ret dqkv (as qkv)."""
+    frame, status, scale, task = _enter(call_frame, (5, 4, 3, 4), (5,), True)
+    if status == _RUN:
+        status = _run_job(frame, task, _n_items(_arg(frame, 1)), scale)
+    return _voidptr(status)
 
 
-# target name -> (the handler's Python source, the kernel it calls). Each handler is compiled
-# (or loaded from Numba's cache) on first use only: compiling one links a whole kernel into it,
-# ~3-5 s each, and a training run needs 2 of the 8.
+def attention_bwd_qkv_task(data):
+    job, first = _task_begin(data)
+    done = 0
+    if first >= 0:
+        frame, scale = _job_frame(job)
+        x, n_heads = _view_packed(_arg(frame, 0))
+        dx, _ = _view_packed(_ret(frame, 0))
+        done = attention_bwd(x, x, x, (0, n_heads, 2 * n_heads), _view4(_arg(frame, 1)),
+                             _view3(_arg(frame, 2)), _view4(_arg(frame, 3)), scale, dx, dx, dx,
+                             _job_counter(job), first)
+    _task_end(job, done)
+
+
+def scores_fwd_handler(call_frame):
+    """args q, k [b, pos, h, d]; attrs scale (f32), task; ret scores [b, h, q, k]."""
+    frame, status, scale, task = _enter(call_frame, (4, 4), (4,), True)
+    if status == _RUN:
+        status = _run_job(frame, task, _n_items(_arg(frame, 0)), scale)
+    return _voidptr(status)
+
+
+def scores_fwd_task(data):
+    job, first = _task_begin(data)
+    done = 0
+    if first >= 0:
+        frame, scale = _job_frame(job)
+        done = scores_fwd(_view4(_arg(frame, 0)), _view4(_arg(frame, 1)), scale,
+                          _view4(_ret(frame, 0)), _job_counter(job), first)
+    _task_end(job, done)
+
+
+def scores_bwd_handler(call_frame):
+    """args q, k, dscores; attrs scale (f32), task; rets dq, dk."""
+    frame, status, scale, task = _enter(call_frame, (4, 4, 4), (4, 4), True)
+    if status == _RUN:
+        status = _run_job(frame, task, _n_items(_arg(frame, 0)), scale)
+    return _voidptr(status)
+
+
+def scores_bwd_task(data):
+    job, first = _task_begin(data)
+    done = 0
+    if first >= 0:
+        frame, scale = _job_frame(job)
+        done = scores_bwd(_view4(_arg(frame, 0)), _view4(_arg(frame, 1)), _view4(_arg(frame, 2)),
+                          scale, _view4(_ret(frame, 0)), _view4(_ret(frame, 1)),
+                          _job_counter(job), first)
+    _task_end(job, done)
+
+
+def apply_fwd_handler(call_frame):
+    """args pattern [b, h, q, k], v [b, pos, h, d]; attr task; ret z [b, pos, h, d]."""
+    frame, status, _, task = _enter(call_frame, (4, 4), (4,), False)
+    if status == _RUN:
+        status = _run_job(frame, task, _n_items(_arg(frame, 1)), np.float32(1.0))
+    return _voidptr(status)
+
+
+def apply_fwd_task(data):
+    job, first = _task_begin(data)
+    done = 0
+    if first >= 0:
+        frame, _ = _job_frame(job)
+        done = apply_fwd(_view4(_arg(frame, 0)), _view4(_arg(frame, 1)), _view4(_ret(frame, 0)),
+                         _job_counter(job), first)
+    _task_end(job, done)
+
+
+def apply_bwd_handler(call_frame):
+    """args pattern, v, dz; attr task; rets dpattern, dv."""
+    frame, status, _, task = _enter(call_frame, (4, 4, 4), (4, 4), False)
+    if status == _RUN:
+        status = _run_job(frame, task, _n_items(_arg(frame, 1)), np.float32(1.0))
+    return _voidptr(status)
+
+
+def apply_bwd_task(data):
+    job, first = _task_begin(data)
+    done = 0
+    if first >= 0:
+        frame, _ = _job_frame(job)
+        done = apply_bwd(_view4(_arg(frame, 0)), _view4(_arg(frame, 1)), _view4(_arg(frame, 2)),
+                         _view4(_ret(frame, 0)), _view4(_ret(frame, 1)), _job_counter(job), first)
+    _task_end(job, done)
+
+
+# target name -> (handler, task). Both are compiled (or loaded from Numba's cache) on first use
+# only: compiling a task links a whole kernel into it, ~3-5 s each, and a training run needs 2.
 _HANDLERS = {
-    "tinyinterp_attention_fwd": (attention_fwd_handler, "attention_fwd"),
-    "tinyinterp_attention_fwd_qkv": (attention_fwd_qkv_handler, "attention_fwd"),
-    "tinyinterp_attention_bwd_qkv": (attention_bwd_qkv_handler, "attention_bwd"),
-    "tinyinterp_attention_bwd": (attention_bwd_handler, "attention_bwd"),
-    "tinyinterp_scores_fwd": (scores_fwd_handler, "scores_fwd"),
-    "tinyinterp_scores_bwd": (scores_bwd_handler, "scores_bwd"),
-    "tinyinterp_apply_fwd": (apply_fwd_handler, "apply_fwd"),
-    "tinyinterp_apply_bwd": (apply_bwd_handler, "apply_bwd"),
+    "tinyinterp_attention_fwd": (attention_fwd_handler, attention_fwd_task),
+    "tinyinterp_attention_fwd_qkv": (attention_fwd_qkv_handler, attention_fwd_qkv_task),
+    "tinyinterp_attention_bwd_qkv": (attention_bwd_qkv_handler, attention_bwd_qkv_task),
+    "tinyinterp_attention_bwd": (attention_bwd_handler, attention_bwd_task),
+    "tinyinterp_scores_fwd": (scores_fwd_handler, scores_fwd_task),
+    "tinyinterp_scores_bwd": (scores_bwd_handler, scores_bwd_task),
+    "tinyinterp_apply_fwd": (apply_fwd_handler, apply_fwd_task),
+    "tinyinterp_apply_bwd": (apply_bwd_handler, apply_bwd_task),
 }
 TARGETS = tuple(_HANDLERS)
 _compiled: dict = {}
-_warm: set = set()
 _lock = threading.Lock()
 
 
-def handler(target: str):
-    """The compiled @cfunc handler of an FFI target (its ``.address`` is the C function pointer);
-    compiled, or loaded from Numba's cache, on the first call for that target."""
+def _compile(target: str):
     with _lock:
         if target not in _compiled:
-            py_func, kernel = _HANDLERS[target]
-            if kernel not in _warm:
-                _warm_up(kernel)
-                _warm.add(kernel)
-            _compiled[target] = cfunc(HANDLER_SIGNATURE, nopython=True, cache=True)(py_func)
+            py_handler, py_task = _HANDLERS[target]
+            _compiled[target] = (cfunc(HANDLER_SIGNATURE, nopython=True, cache=True)(py_handler),
+                                 cfunc(TASK_SIGNATURE, nopython=True, cache=True)(py_task))
         return _compiled[target]
+
+
+def handler(target: str):
+    """The compiled @cfunc handler of an FFI target (its ``.address`` is the C function pointer
+    to register); compiled, or loaded from Numba's cache, on the first call for that target."""
+    return _compile(target)[0]
+
+
+def task_address(target: str) -> int:
+    """The address of the target's task, which every call must pass as the int64 attribute
+    ``task`` (see the module docstring)."""
+    return _compile(target)[1].address

@@ -131,22 +131,30 @@ def test_no_nan_for_huge_logits(shape, seed, logit):
 
 @needs_numba
 def test_results_do_not_depend_on_thread_count():
-    import numba
+    """Under XLA the handlers run each kernel on all of XLA's pool threads; the kernels called
+    directly on one thread must give the same bits (each item is computed by one thread, in a
+    fixed order), for the values, the log-sum-exp and the gradients."""
+    from tinyinterp.kernels.attention import attention_bwd, attention_fwd
 
     rng = np.random.default_rng(0)
     shape = (3, 77, 4, 24)
-    q, k, v, ct = (jnp.asarray(rng.standard_normal(shape, dtype=np.float32)) for _ in range(4))
-    before = numba.get_num_threads()
-    results = []
-    try:
-        for n in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-            numba.set_num_threads(n)
-            z, g = _z_and_grads(q, k, v, ct, "numba", None)
-            results.append([np.asarray(x) for x in (z, *g)])
-    finally:
-        numba.set_num_threads(before)
-    for a, b in zip(results[0], results[-1], strict=True):
-        np.testing.assert_array_equal(a, b)
+    q, k, v, ct = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
+    scale = np.float32(1 / np.sqrt(shape[-1]))
+    z_xla, lse_xla = attn._ffi(attn._FWD_TARGET, attn._fwd_outputs(*shape, False, False))(
+        q, k, v, scale=scale)[:2]
+    grads_xla = attn._bwd_call(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), z_xla, lse_xla,
+                               jnp.asarray(ct), scale)
+    one = np.ones(1, np.int64)  # the item counter: item 0 is claimed by the call itself
+    empty = np.empty((0, 0, 0, 0), np.float32)
+    z, lse = np.empty(shape, np.float32), np.empty((3, 4, 77), np.float32)
+    assert attention_fwd(q, k, v, (0, 0, 0), scale, z, lse, empty, empty, one, 0) == 12
+    grads = tuple(np.empty(shape, np.float32) for _ in range(3))
+    assert attention_bwd(q, k, v, (0, 0, 0), z, lse, ct, scale, *grads, np.ones(1, np.int64),
+                         0) == 12
+    np.testing.assert_array_equal(np.asarray(z_xla), z)
+    np.testing.assert_array_equal(np.asarray(lse_xla), lse)
+    for a, b in zip(grads_xla, grads, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 @needs_numba
@@ -412,19 +420,31 @@ def test_bad_inputs_give_clear_errors(backend):
 
 @needs_numba
 def test_ffi_handlers_reject_a_wrong_call_with_a_clear_error():
-    """Called directly with a buffer of the wrong rank, or without the 'scale' attribute, a
-    handler returns an XLA error that says which check failed (it never reads out of bounds)."""
+    """Called directly with a buffer of the wrong rank, or without the 'scale' or 'task'
+    attribute, a handler returns an XLA error that says which check failed (it never reads out of
+    bounds or calls a null task)."""
+    from tinyinterp.kernels.ffi import task_address
+
     x = jnp.zeros((1, 4, 2, 8), jnp.float32)
     z = jax.ShapeDtypeStruct(x.shape, jnp.float32)
     lse = jax.ShapeDtypeStruct((1, 2, 4), jnp.float32)
     none = jax.ShapeDtypeStruct((0, 0, 0, 0), jnp.float32)  # no scores, no pattern
     call = jax.ffi.ffi_call("tinyinterp_attention_fwd", (z, lse, none, none))
+    task = np.int64(task_address("tinyinterp_attention_fwd"))
+    out = call(x, x, x, scale=np.float32(1.0), task=task)  # the right call works
+    assert not np.any(np.isnan(np.asarray(out[0])))
+    # (jax caches eager calls by attribute values, and np.int32(1) == np.float32(1.0): the
+    # wrong scale below is 2)
     with pytest.raises(Exception, match="not float32 or does not have the expected rank"):
-        jax.block_until_ready(call(x, x, x[0], scale=np.float32(1.0)))
+        jax.block_until_ready(call(x, x, x[0], scale=np.float32(1.0), task=task))
     with pytest.raises(Exception, match="unexpected XLA FFI call frame"):
-        jax.block_until_ready(call(x, x, x))
-    with pytest.raises(Exception, match="'scale' must be a float32 scalar"):
-        jax.block_until_ready(call(x, x, x, scale=np.int32(1)))
+        jax.block_until_ready(call(x, x, x, task=task))
+    with pytest.raises(Exception, match="'scale' \\(a float32 scalar\\)"):
+        jax.block_until_ready(call(x, x, x, scale=np.int32(2), task=task))
+    with pytest.raises(Exception, match="'task'"):
+        jax.block_until_ready(call(x, x, x, scale=np.float32(1.0), task=np.int64(0)))
+    with pytest.raises(Exception, match="'task'"):
+        jax.block_until_ready(call(x, x, x, scale=np.float32(1.0), task=np.float32(1.0)))
 
 
 def test_resolve_backend():

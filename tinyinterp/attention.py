@@ -107,9 +107,14 @@ def _ensure_target(name: str) -> str:
 
 
 def _ffi(target: str, out):
-    """jax.ffi.ffi_call of a Numba target (registered on first use). vmap_method="broadcast_all":
-    see the note above the calls below."""
-    return jax.ffi.ffi_call(_ensure_target(target), out, vmap_method="broadcast_all")
+    """jax.ffi.ffi_call of a Numba target (registered on first use), with the address of the
+    target's task as the attribute ``task`` (the handler runs it on XLA's thread pool; see
+    kernels/ffi.py). vmap_method="broadcast_all": see the note above the calls below."""
+    from tinyinterp.kernels.ffi import task_address
+
+    call = jax.ffi.ffi_call(_ensure_target(target), out, vmap_method="broadcast_all")
+    task = np.int64(task_address(target))
+    return lambda *args, **attrs: call(*args, task=task, **attrs)
 
 
 def _register_and_probe() -> str | None:
@@ -119,12 +124,8 @@ def _register_and_probe() -> str | None:
     if jax.default_backend() != "cpu":
         return f"the Numba kernels run on CPU only; the default JAX platform is {jax.default_backend()!r}"
     try:
-        import numba
 
         _ensure_target(_FWD_TARGET)  # compiles or loads the first handler and its kernel
-        if numba.threading_layer() == "workqueue":
-            return ("Numba's 'workqueue' threading layer aborts when XLA runs two kernels at once; "
-                    "install tbb or an OpenMP runtime, or set NUMBA_THREADING_LAYER=omp")
         x = np.linspace(-1.0, 1.0, 2 * 3 * 2 * 5, dtype=np.float32).reshape(2, 3, 2, 5)
         # The first use may come while jit is tracing: evaluate the probe eagerly regardless.
         with jax.ensure_compile_time_eval():
