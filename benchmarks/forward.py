@@ -8,11 +8,17 @@ the plain forward against the TransformerLens anchor: TL 3.9 on PyTorch 2.13 CPU
 8.8 ms for this model and shape on this machine's kind (goal: >= 3x faster).
 Both of ours are measured in this process; the anchor is a fixed number from another run, so read
 that ratio with the machine's load in mind.
+
+It also prints the memory floor of a full cache: a jitted function that runs the plain forward and
+also returns fresh arrays of exactly the cache's shapes, each filled with a constant (no other
+work). A full-cache forward cannot cost less than writing its outputs, so (plain + fill) / plain is
+the lowest cache/plain ratio this machine allows for that many bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -41,6 +47,17 @@ def paired_ms(fn_a, fn_b, *args, repeats: int) -> tuple[float, float, float]:
     return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1]), ratio
 
 
+def fill_like(cfg, shapes):
+    """The plain forward plus fresh outputs of the given shapes, each filled with a constant that
+    depends on the params (so XLA cannot fold them into constants)."""
+
+    def fn(p, t):
+        c = p["unembed"]["b_U"][0]
+        return forward(p, cfg, t), [jnp.full(s, c + i) for i, s in enumerate(shapes)]
+
+    return jax.jit(fn)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
@@ -59,12 +76,18 @@ def main() -> None:
         plain = jax.jit(lambda p, t, cfg=cfg: forward(p, cfg, t))
         cached = jax.jit(lambda p, t, cfg=cfg, names=names: forward_with_cache(p, cfg, t, names))
         t_plain, t_cache, ratio = paired_ms(plain, cached, model.params, tokens, repeats=args.repeats)
+        shapes = [x.shape for x in jax.tree.leaves(cached(model.params, tokens))]
+        mib = sum(4 * math.prod(s) for s in shapes) / 2**20
+        _, t_floor, floor = paired_ms(plain, fill_like(cfg, shapes), model.params, tokens,
+                                      repeats=args.repeats)
         resolved = tinyinterp.attention.resolve_backend(backend)
         print(f"\nattention backend {backend!r} (runs as {resolved!r}), batch {args.batch}, "
               f"pos {args.pos}, 2-layer attn-only d_model 64, {len(names)} hook points cached")
         print(f"  plain forward       {t_plain:8.3f} ms")
         print(f"  full-cache forward  {t_cache:8.3f} ms")
         print(f"  cache / plain       {ratio:8.3f}x   (goal <= 1.15x)")
+        print(f"  memory floor        {floor:8.3f}x   (plain forward + writing the cache's "
+              f"{len(shapes)} outputs, {mib:.1f} MiB, as constants: {t_floor:.3f} ms)")
         print(f"  TL anchor / plain   {TL_ANCHOR_MS / t_plain:8.2f}x   (goal >= 3x; TL 3.9 at "
               f"{TL_ANCHOR_MS} ms, a fixed number from another run)")
 
