@@ -182,13 +182,11 @@ def main() -> None:
         raise SystemExit(f"numba backend unavailable: {problem}")
     import numba
 
-    print(f"jax {jax.__version__}, numba {numba.__version__}, numba threads "
-          f"{numba.get_num_threads()}, threading layer after first call shown below")
+    print(f"jax {jax.__version__}, numba {numba.__version__}; the kernels run on XLA's thread pool")
     if not args.train_step:
         shapes = (SHAPES if args.shapes is None
                   else [tuple(int(x) for x in s.split(",")) for s in args.shapes])
         bench_shapes(shapes, args.repeats)
-        print(f"numba threading layer: {numba.threading_layer()}")
     if not args.no_train_step:
         bench_train_step(args.repeats)
 
