@@ -7,7 +7,8 @@
 3. n=2, m=1 phase diagram over the extra feature's importance and the density: not represented,
    dedicated dimension, antipodal superposition.
 4. Uniform importance: dimensions per feature sticks at 1 and 1/2; feature dimensionalities D_i
-   cluster at 1, 3/4, 2/3, 1/2, 2/5.
+   cluster at 1, 3/4, 2/3, 1/2, 2/5 (the paper's claim; the report says which lines this run
+   finds, and DENSE_NOTE below why 1 and 3/4 are not among them).
 
 ``run(out_dir, seed=0, quick=False)`` writes report.json, report.md and PNG figures, prints a
 plain-words summary and returns the report. ``quick=True`` is a reduced but real run (tests).
