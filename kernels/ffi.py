@@ -67,6 +67,7 @@ from tinyinterp.kernels.attention import (
     attention_fwd,
     scores_bwd,
     scores_fwd,
+    work_items,
 )
 
 FFI_API_MAJOR = 0  # the XLA FFI API version these layouts were read from (c_api.h, jaxlib 0.10.2)
@@ -605,9 +606,10 @@ def _job_frame(job):
 
 @_njit_helper
 def _n_items(buf):
-    """batch x heads of a [*lead, pos, head, d] buffer: the kernels' work items."""
+    """The number of work items of a kernel whose (batch, head) slices are those of a
+    [*lead, pos, head, d] buffer (kernels/attention.py: work_items)."""
     x = _view4(buf)
-    return x.shape[0] * x.shape[2]
+    return work_items(x.shape[0], x.shape[2])[0]
 
 
 # ---- handlers -------------------------------------------------------------------------------

@@ -130,27 +130,31 @@ def test_no_nan_for_huge_logits(shape, seed, logit):
 
 
 @needs_numba
-def test_results_do_not_depend_on_thread_count():
+@pytest.mark.parametrize("shape", [(3, 77, 4, 24), (17, 20, 3, 16)])  # items of 1 head / whole rows
+def test_results_do_not_depend_on_thread_count(shape):
     """Under XLA the handlers run each kernel on all of XLA's pool threads; the kernels called
-    directly on one thread must give the same bits (each item is computed by one thread, in a
-    fixed order), for the values, the log-sum-exp and the gradients."""
-    from tinyinterp.kernels.attention import attention_bwd, attention_fwd
+    directly on one thread must give the same bits (each (batch, head) slice is computed by one
+    thread, in a fixed order), for the values, the log-sum-exp and the gradients."""
+    from tinyinterp.kernels.attention import attention_bwd, attention_fwd, work_items
 
     rng = np.random.default_rng(0)
-    shape = (3, 77, 4, 24)
+    n_batch, n_pos, n_heads, _ = shape
     q, k, v, ct = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
     scale = np.float32(1 / np.sqrt(shape[-1]))
     z_xla, lse_xla = attn._ffi(attn._FWD_TARGET, attn._fwd_outputs(*shape, False, False))(
         q, k, v, scale=scale)[:2]
     grads_xla = attn._bwd_call(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), z_xla, lse_xla,
                                jnp.asarray(ct), scale)
-    one = np.ones(1, np.int64)  # the item counter: item 0 is claimed by the call itself
+    n_items, per_item = work_items(n_batch, n_heads)
+    assert per_item == (n_heads if n_batch >= 16 else 1)
     empty = np.empty((0, 0, 0, 0), np.float32)
-    z, lse = np.empty(shape, np.float32), np.empty((3, 4, 77), np.float32)
-    assert attention_fwd(q, k, v, (0, 0, 0), scale, z, lse, empty, empty, one, 0) == 12
+    z, lse = np.empty(shape, np.float32), np.empty((n_batch, n_heads, n_pos), np.float32)
+    # the item counter starts at 1: item 0 is claimed by the call itself
+    assert attention_fwd(q, k, v, (0, 0, 0), scale, z, lse, empty, empty, np.ones(1, np.int64),
+                         0) == n_items
     grads = tuple(np.empty(shape, np.float32) for _ in range(3))
     assert attention_bwd(q, k, v, (0, 0, 0), z, lse, ct, scale, *grads, np.ones(1, np.int64),
-                         0) == 12
+                         0) == n_items
     np.testing.assert_array_equal(np.asarray(z_xla), z)
     np.testing.assert_array_equal(np.asarray(lse_xla), lse)
     for a, b in zip(grads_xla, grads, strict=True):
