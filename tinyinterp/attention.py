@@ -124,14 +124,17 @@ def _register_and_probe() -> str | None:
     if jax.default_backend() != "cpu":
         return f"the Numba kernels run on CPU only; the default JAX platform is {jax.default_backend()!r}"
     try:
-
-        _ensure_target(_FWD_TARGET)  # compiles or loads the first handler and its kernel
-        x = np.linspace(-1.0, 1.0, 2 * 3 * 2 * 5, dtype=np.float32).reshape(2, 3, 2, 5)
+        # The probe uses the packed target, the one a model without hooks on q, k, v runs (and
+        # trains) with, so a first run compiles no kernel entry it does not need.
+        _ensure_target(_FWD_QKV_TARGET)  # compiles or loads the handler and its kernel
+        x = np.linspace(-1.0, 1.0, 2 * 3 * 3 * 2 * 5, dtype=np.float32).reshape(2, 3, 3, 2, 5)
+        x[:, :, 1] = x[:, ::-1, 1]
+        x[:, :, 2] = np.cos(x[:, :, 2])
         # The first use may come while jit is tracing: evaluate the probe eagerly regardless.
         with jax.ensure_compile_time_eval():
-            q, k, v = jnp.asarray(x), jnp.asarray(x[:, ::-1].copy()), jnp.asarray(np.cos(x))
-            got = np.asarray(_numba_attention_pattern(q, k, v, 0.5, False, False)[0])
-            want = np.asarray(_xla_causal_attention(q, k, v, 0.5))
+            qkv = jnp.asarray(x)
+            got = np.asarray(_numba_attention_qkv(qkv, 0.5, False, False)[0])
+            want = np.asarray(_xla_causal_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], 0.5))
         if not np.allclose(got, want, rtol=1e-5, atol=1e-5):
             return "the probe call through the Numba FFI handler disagreed with the XLA path"
     except Exception as e:  # noqa: BLE001 - any failure means: use XLA, and say why
