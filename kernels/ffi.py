@@ -1,9 +1,10 @@
 """XLA typed-FFI handlers for the attention kernels, as Numba ``@cfunc``s (no JAX import).
 
 Each handler has the C signature ``XLA_FFI_Error* handler(XLA_FFI_CallFrame*)`` and is compiled in
-nopython mode, so it runs without the GIL. It reads XLA's call frame directly, wraps the argument
-and result buffers as numpy arrays without copying (``numba.carray`` on XLA's pointers) and calls
-a kernel from ``kernels/attention.py``. ``tinyinterp.attention`` registers the addresses with
+nopython mode, so it runs without the GIL. It reads and checks XLA's call frame directly; its
+task (a second ``@cfunc``, see "Threads" below) wraps the argument and result buffers as numpy
+arrays without copying (``numba.carray`` on XLA's pointers) and runs a kernel from
+``kernels/attention.py`` on them. ``tinyinterp.attention`` registers the handlers' addresses with
 ``jax.ffi.register_ffi_target(..., api_version=1)``.
 
 Struct layouts are those of ``xla/ffi/api/c_api.h`` shipped with jaxlib 0.10.2 (XLA FFI API 0.3),
