@@ -101,8 +101,8 @@ def _fetch_add(typingctx, counter, value):
 
 
 @njit(cache=True, inline="always")
-def _claim(counter, n_items):
-    """The next unclaimed item of a shared counter (>= n_items: none left)."""
+def _claim(counter):
+    """The next unclaimed item of a shared counter (the caller stops once it is past the last)."""
     return _fetch_add(counter, 1)
 
 
@@ -171,15 +171,9 @@ _L = LANES
 @njit(cache=True, fastmath=FASTMATH)
 def _copy_rows(src, b, h, factor, dst):
     """dst[t, :d_head] = factor * src[b, t, h, :] for every position t (contiguous rows)."""
-    d_head, f = src.shape[3], vsplat(factor)
+    d_head = src.shape[3]
     for t in range(src.shape[1]):
-        row, out = src[b, t, h], dst[t]
-        c = 0
-        while c + _L <= d_head:
-            vstore(out, c, vmul(vload(row, c), f))
-            c += _L
-        for d in range(c, d_head):
-            out[d] = row[d] * factor
+        _scale_row(src[b, t, h], dst[t, :d_head], factor)
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -407,7 +401,7 @@ def attention_fwd(q, k, v, offsets, scale, z, lse, scores, pattern, counter, fir
                 for r in range(rows):
                     _scale_row(zb[r], z[b, i0 + r, h], _ONE / totals[r])
         count += 1
-        item = _claim(counter, n_items)
+        item = _claim(counter)
     return count
 
 
@@ -485,7 +479,7 @@ def attention_bwd(q, k, v, offsets, z, lse, dz, scale, dq, dk, dv, counter, firs
                 _scale_row(dkp[t], dk[b, t, hk], _ONE)
                 _scale_row(dvp[t], dv[b, t, hv], _ONE)
         count += 1
-        item = _claim(counter, n_items)
+        item = _claim(counter)
     return count
 
 
@@ -550,7 +544,7 @@ def scores_fwd(q, k, scale, scores, counter, first):
         for bh in range(item * per_item, min((item + 1) * per_item, n_batch * n_heads)):
             _scores_slice(q, k, bh // n_heads, bh % n_heads, scale, scores)
         count += 1
-        item = _claim(counter, n_items)
+        item = _claim(counter)
     return count
 
 
@@ -604,7 +598,7 @@ def scores_bwd(q, k, dscores, scale, dq, dk, counter, first):
         for bh in range(item * per_item, min((item + 1) * per_item, n_batch * n_heads)):
             _scores_bwd_slice(q, k, dscores, bh // n_heads, bh % n_heads, scale, dq, dk)
         count += 1
-        item = _claim(counter, n_items)
+        item = _claim(counter)
     return count
 
 
@@ -647,7 +641,7 @@ def apply_fwd(pattern, v, z, counter, first):
         for bh in range(item * per_item, min((item + 1) * per_item, n_batch * n_heads)):
             _apply_slice(pattern, v, bh // n_heads, bh % n_heads, z)
         count += 1
-        item = _claim(counter, n_items)
+        item = _claim(counter)
     return count
 
 
@@ -695,5 +689,5 @@ def apply_bwd(pattern, v, dz, dpattern, dv, counter, first):
         for bh in range(item * per_item, min((item + 1) * per_item, n_batch * n_heads)):
             _apply_bwd_slice(pattern, v, dz, bh // n_heads, bh % n_heads, dpattern, dv)
         count += 1
-        item = _claim(counter, n_items)
+        item = _claim(counter)
     return count

@@ -576,6 +576,17 @@ def _run_job(frame, task, n_items, scale):
 
 
 @_njit_helper
+def _handle(call_frame, ranks_args, ranks_rets, with_scale, items_in_ret, items_index):
+    """A whole handler: _enter, then run the target's task on the pool (_run_job) over the work
+    items of the [*lead, pos, head, d] buffer that is result (or argument) ``items_index``."""
+    frame, status, scale, task = _enter(call_frame, ranks_args, ranks_rets, with_scale)
+    if status == _RUN:
+        buf = _ret(frame, items_index) if items_in_ret else _arg(frame, items_index)
+        status = _run_job(frame, task, _n_items(buf), scale)
+    return _voidptr(status)
+
+
+@_njit_helper
 def _task_begin(data):
     """(job, first item claimed) for a task; first is -1 when every item was already claimed
     (the task must then not touch the call frame: its handler may have returned)."""
@@ -619,10 +630,7 @@ def _n_items(buf):
 def attention_fwd_handler(call_frame):
     """args q, k, v [b, pos, h, d]; attrs scale (f32), task; rets z [b, pos, h, d],
     lse [b, h, pos], scores and pattern [b, h, q, k]; an empty scores or pattern is not written."""
-    frame, status, scale, task = _enter(call_frame, (4, 4, 4), (4, 3, 4, 4), True)
-    if status == _RUN:
-        status = _run_job(frame, task, _n_items(_ret(frame, 0)), scale)
-    return _voidptr(status)
+    return _handle(call_frame, (4, 4, 4), (4, 3, 4, 4), True, True, 0)
 
 
 def attention_fwd_task(data):
@@ -639,10 +647,7 @@ def attention_fwd_task(data):
 
 def attention_bwd_handler(call_frame):
     """args q, k, v, z, lse, dz; attrs scale (f32), task; rets dq, dk, dv [b, pos, h, d]."""
-    frame, status, scale, task = _enter(call_frame, (4, 4, 4, 4, 3, 4), (4, 4, 4), True)
-    if status == _RUN:
-        status = _run_job(frame, task, _n_items(_arg(frame, 3)), scale)
-    return _voidptr(status)
+    return _handle(call_frame, (4, 4, 4, 4, 3, 4), (4, 4, 4), True, False, 3)
 
 
 def attention_bwd_task(data):
@@ -661,10 +666,7 @@ def attention_bwd_task(data):
 def attention_fwd_qkv_handler(call_frame):
     """args qkv [b, pos, 3, h, d]; attrs scale (f32), task; rets z [b, pos, h, d],
     lse [b, h, pos], scores and pattern [b, h, q, k] (each written only if not empty)."""
-    frame, status, scale, task = _enter(call_frame, (5,), (4, 3, 4, 4), True)
-    if status == _RUN:
-        status = _run_job(frame, task, _n_items(_ret(frame, 0)), scale)
-    return _voidptr(status)
+    return _handle(call_frame, (5,), (4, 3, 4, 4), True, True, 0)
 
 
 def attention_fwd_qkv_task(data):
@@ -681,10 +683,7 @@ def attention_fwd_qkv_task(data):
 
 def attention_bwd_qkv_handler(call_frame):
     """args qkv [b, pos, 3, h, d], z, lse, dz; attrs scale (f32), task; ret dqkv (as qkv)."""
-    frame, status, scale, task = _enter(call_frame, (5, 4, 3, 4), (5,), True)
-    if status == _RUN:
-        status = _run_job(frame, task, _n_items(_arg(frame, 1)), scale)
-    return _voidptr(status)
+    return _handle(call_frame, (5, 4, 3, 4), (5,), True, False, 1)
 
 
 def attention_bwd_qkv_task(data):
@@ -702,10 +701,7 @@ def attention_bwd_qkv_task(data):
 
 def scores_fwd_handler(call_frame):
     """args q, k [b, pos, h, d]; attrs scale (f32), task; ret scores [b, h, q, k]."""
-    frame, status, scale, task = _enter(call_frame, (4, 4), (4,), True)
-    if status == _RUN:
-        status = _run_job(frame, task, _n_items(_arg(frame, 0)), scale)
-    return _voidptr(status)
+    return _handle(call_frame, (4, 4), (4,), True, False, 0)
 
 
 def scores_fwd_task(data):
@@ -720,10 +716,7 @@ def scores_fwd_task(data):
 
 def scores_bwd_handler(call_frame):
     """args q, k, dscores; attrs scale (f32), task; rets dq, dk."""
-    frame, status, scale, task = _enter(call_frame, (4, 4, 4), (4, 4), True)
-    if status == _RUN:
-        status = _run_job(frame, task, _n_items(_arg(frame, 0)), scale)
-    return _voidptr(status)
+    return _handle(call_frame, (4, 4, 4), (4, 4), True, False, 0)
 
 
 def scores_bwd_task(data):
@@ -739,10 +732,7 @@ def scores_bwd_task(data):
 
 def apply_fwd_handler(call_frame):
     """args pattern [b, h, q, k], v [b, pos, h, d]; attr task; ret z [b, pos, h, d]."""
-    frame, status, _, task = _enter(call_frame, (4, 4), (4,), False)
-    if status == _RUN:
-        status = _run_job(frame, task, _n_items(_arg(frame, 1)), np.float32(1.0))
-    return _voidptr(status)
+    return _handle(call_frame, (4, 4), (4,), False, False, 1)
 
 
 def apply_fwd_task(data):
@@ -757,10 +747,7 @@ def apply_fwd_task(data):
 
 def apply_bwd_handler(call_frame):
     """args pattern, v, dz; attr task; rets dpattern, dv."""
-    frame, status, _, task = _enter(call_frame, (4, 4, 4), (4, 4), False)
-    if status == _RUN:
-        status = _run_job(frame, task, _n_items(_arg(frame, 1)), np.float32(1.0))
-    return _voidptr(status)
+    return _handle(call_frame, (4, 4, 4), (4, 4), False, False, 1)
 
 
 def apply_bwd_task(data):
