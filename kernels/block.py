@@ -9,7 +9,11 @@ residual and 48 KiB of q, k, v). It is the forward of a model block when nobody 
 any of the sublayer's hook points; XLA runs the rest of the model (and every backward: the JAX
 side pairs this kernel with the unfused reference through ``jax.custom_vjp``).
 
-It writes no hook points: a variant that also wrote the sublayer's activations for a cache was
+Below it, two row-chunked kernels for runs that read hook points inside the sublayer (a cache):
+``qkv_fwd`` writes q, k, v from the normalized residual, ``attention_out_fwd`` writes hook_result
+and the summed attention output. They use the same register tiles.
+
+The fused kernel writes no hook points: a variant that also wrote the sublayer's activations for a cache was
 slower than the unfused cache path (full cache of the 2-layer benchmark model: 7.7-10.2 ms
 against 6.6-7.2 ms; without scores, pattern and result: 4.7-4.9 against 4.0 ms). Its extra
 stores into XLA's fresh output buffers ran at a fraction of the bandwidth of XLA's own fusions,
@@ -218,6 +222,97 @@ def attention_block_fwd(resid, W, bias, W_O, b_O, consts, out, counter, first):
         ob = out[item].reshape(row_d)
         for c in range(0, row_d, _L):
             vstore(ob, c, vadd(vload(x, c), vload(o, c)))
+        count += 1
+        item = _claim(counter)
+    return count
+
+
+# ---- row-chunked kernels for caches: q/k/v and the attention output --------------------------
+# When a cache (or a hook that only reads) wants q, k, v or the per-head results, the model runs
+# unfused and these write those hook points. Work items are chunks of CHUNK_ROWS rows of the
+# flattened [batch * pos] activations, ``first`` (already claimed) and then those claimed from
+# ``counter``; each chunk is done by one thread in a fixed order, so the bits do not depend on the
+# number of threads. Each returns how many items it did.
+
+CHUNK_ROWS = 64  # a multiple of 8 (_ROWS)
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _chunk(x, width, n_rows, item, pad):
+    """(first row, rows, array, offset) of work item ``item`` of x [n_rows * width] (1-D): a
+    chunk that is not whole 8-row tiles (the last) is copied into ``pad`` (zeros after it), as
+    _matmul reads whole tiles."""
+    r0 = item * CHUNK_ROWS
+    rows = min(CHUNK_ROWS, n_rows - r0)
+    if rows % _ROWS:
+        for i in range(rows * width):
+            pad[i] = x[r0 * width + i]
+        return r0, rows, pad, 0
+    return r0, rows, x, r0 * width
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def qkv_fwd(x, W, bias, q, k, v, counter, first):
+    """q, k, v [rows, n] = x [rows, d_model] @ W [d_model, 3 * n] + bias [3 * n], the columns
+    of W and bias being q's, then k's, then v's (model._packed_qkv_weights, the norm's weight and
+    bias folded in); n (= head_index * d_head) a multiple of 16.
+
+    XLA runs these as three [rows, d_model + 1] @ [d_model + 1, n] matmuls (the bias as a row
+    against a column of ones) at ~170 GFLOP/s for d_model 64; here the same 8-row tiles as the
+    fused sublayer write the three outputs."""
+    n_rows, d_model = x.shape
+    n = q.shape[1]
+    n_items = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+    x_flat = x.reshape(n_rows * d_model)
+    w_flat = W.reshape(d_model * 3 * n)
+    outs = (q.reshape(n_rows * n), k.reshape(n_rows * n), v.reshape(n_rows * n))
+    pad = np.zeros(CHUNK_ROWS * d_model, np.float32)
+    tile = np.empty(_ROWS * n, np.float32)
+    item, count = first, 0
+    while item < n_items:
+        r0, rows, xs, xo = _chunk(x_flat, d_model, n_rows, item, pad)
+        for c in range(3):
+            _matmul(xs, xo, d_model, rows, d_model, w_flat, c * n, 3 * n, n, bias, c * n,
+                    outs[c], r0 * n, n, tile)
+        count += 1
+        item = _claim(counter)
+    return count
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def attention_out_fwd(z, W_O, b_O, result, out, counter, first):
+    """The attention output when its per-head results are wanted too (a cache, or a hook that
+    reads hook_result): for every row r of z [rows, head, d_head] (rows = batch * pos),
+
+        result[r, h] = z[r, h] @ W_O[h]                  [rows, head, d_model]
+        out[r]       = z[r].ravel() @ W_O.reshape(head * d_head, d_model) + b_O    [rows, d_model]
+
+    as model._attention_out computes them (per_head_result, and the summed output as one
+    matmul), up to float32 rounding. d_model must be a multiple of 16 (d_head may be anything).
+
+    XLA writes hook_result as one matmul against a block-diagonal [head*d_head, head*d_model]
+    matrix (head x the multiply-adds) or as a batched matmul with transposes; here each head's
+    8-row register tiles write straight into result's [row, head, d_model] layout."""
+    n_rows, n_heads, d_head = z.shape
+    d_model = W_O.shape[2]
+    n = n_heads * d_head
+    n_items = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+    z_flat = z.reshape(n_rows * n)
+    w_flat = W_O.reshape(n * d_model)
+    r_flat = result.reshape(n_rows * n_heads * d_model)
+    o_flat = out.reshape(n_rows * d_model)
+    zero = np.zeros(d_model, np.float32)
+    pad = np.zeros(CHUNK_ROWS * n, np.float32)
+    tile = np.empty(_ROWS * d_model, np.float32)
+    item, count = first, 0
+    while item < n_items:
+        r0, rows, x, xo = _chunk(z_flat, n, n_rows, item, pad)
+        for h in range(n_heads):
+            _matmul(x, xo + h * d_head, n, rows, d_head, w_flat, h * d_head * d_model, d_model,
+                    d_model, zero, 0, r_flat, (r0 * n_heads + h) * d_model, n_heads * d_model,
+                    tile)
+        _matmul(x, xo, n, rows, n, w_flat, 0, d_model, d_model, b_O, 0, o_flat, r0 * d_model,
+                d_model, tile)
         count += 1
         item = _claim(counter)
     return count

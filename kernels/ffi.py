@@ -4,8 +4,8 @@ Each handler has the C signature ``XLA_FFI_Error* handler(XLA_FFI_CallFrame*)`` 
 nopython mode, so it runs without the GIL. It reads and checks XLA's call frame directly; its
 task (a second ``@cfunc``, see "Threads" below) wraps the argument and result buffers as numpy
 arrays without copying (``numba.carray`` on XLA's pointers) and runs a kernel from
-``kernels/attention.py`` on them. ``tinyinterp.attention`` registers the handlers' addresses with
-``jax.ffi.register_ffi_target(..., api_version=1)``.
+``kernels/attention.py`` or ``kernels/block.py`` on them. ``tinyinterp.attention`` registers the
+handlers' addresses with ``jax.ffi.register_ffi_target(..., api_version=1)``.
 
 Struct layouts are those of ``xla/ffi/api/c_api.h`` shipped with jaxlib 0.10.2 (XLA FFI API 0.3),
 x86-64 / aarch64 LP64 (8-byte pointers, size_t and int64; 4-byte enums with padding):
@@ -70,7 +70,7 @@ from tinyinterp.kernels.attention import (
     scores_fwd,
     work_items,
 )
-from tinyinterp.kernels.block import attention_block_fwd
+from tinyinterp.kernels.block import CHUNK_ROWS, attention_block_fwd, attention_out_fwd, qkv_fwd
 
 FFI_API_MAJOR = 0  # the XLA FFI API version these layouts were read from (c_api.h, jaxlib 0.10.2)
 FFI_API_MINOR = 3
@@ -792,6 +792,67 @@ def attention_block_fwd_task(data):
     _task_end(job, done)
 
 
+@_njit_helper
+def _n_chunks(n_rows):
+    """The work items of the row-chunked kernels (kernels/block.py: CHUNK_ROWS rows each)."""
+    return (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+
+
+def qkv_fwd_handler(call_frame):
+    """args x [b, pos, d_model], W [d_model, 3n], bias [3n]; attr task; rets q, k, v
+    [b, pos, h, d] (kernels/block.py). Work items are chunks of CHUNK_ROWS rows of x. (Called
+    with vmap_method="sequential": no leading vmap dims.)"""
+    frame, status, _, task = _enter(call_frame, (3, 2, 1), (4, 4, 4), False)
+    if status == _RUN:
+        x = _view3(_arg(frame, 0))
+        status = _run_job(frame, task, _n_chunks(x.shape[0] * x.shape[1]), np.float32(0.0))
+    return _voidptr(status)
+
+
+def qkv_fwd_task(data):
+    job, first = _task_begin(data)
+    done = 0
+    if first >= 0:
+        frame, _ = _job_frame(job)
+        x = _view3(_arg(frame, 0))
+        n_rows, d_model = x.shape[0] * x.shape[1], x.shape[2]
+        q = _view1(_ret(frame, 0))
+        n = q.shape[0] // n_rows
+        done = qkv_fwd(x.reshape((n_rows, d_model)), _view1(_arg(frame, 1)).reshape((d_model, 3 * n)),
+                       _view1(_arg(frame, 2)), q.reshape((n_rows, n)),
+                       _view1(_ret(frame, 1)).reshape((n_rows, n)),
+                       _view1(_ret(frame, 2)).reshape((n_rows, n)), _job_counter(job), first)
+    _task_end(job, done)
+
+
+def attention_out_fwd_handler(call_frame):
+    """args z [b, pos, h, d], W_O [h, d, d_model], b_O [d_model]; attr task; rets result
+    [b, pos, h, d_model], out [b, pos, d_model] (kernels/block.py). Work items are chunks of
+    CHUNK_ROWS rows of z. (Called with vmap_method="sequential": no leading vmap dims.)"""
+    frame, status, _, task = _enter(call_frame, (4, 3, 1), (4, 3), False)
+    if status == _RUN:
+        z = _view4(_arg(frame, 0))
+        n_rows = z.shape[0] * z.shape[1]
+        status = _run_job(frame, task, _n_chunks(n_rows), np.float32(0.0))
+    return _voidptr(status)
+
+
+def attention_out_fwd_task(data):
+    job, first = _task_begin(data)
+    done = 0
+    if first >= 0:
+        frame, _ = _job_frame(job)
+        z = _view4(_arg(frame, 0))
+        n_rows, n_heads = z.shape[0] * z.shape[1], z.shape[2]
+        W_O = _view3(_arg(frame, 1))
+        d_model = W_O.shape[2]
+        done = attention_out_fwd(
+            z.reshape((n_rows, n_heads, z.shape[3])), W_O, _view1(_arg(frame, 2)),
+            _view1(_ret(frame, 0)).reshape((n_rows, n_heads, d_model)),
+            _view1(_ret(frame, 1)).reshape((n_rows, d_model)), _job_counter(job), first)
+    _task_end(job, done)
+
+
 # target name -> (handler, task). Both are compiled (or loaded from Numba's cache) on first use
 # only: compiling a task links a whole kernel into it, ~3-5 s each, and a training run needs 2.
 _HANDLERS = {
@@ -804,6 +865,8 @@ _HANDLERS = {
     "tinyinterp_apply_fwd": (apply_fwd_handler, apply_fwd_task),
     "tinyinterp_apply_bwd": (apply_bwd_handler, apply_bwd_task),
     "tinyinterp_attention_block_fwd": (attention_block_fwd_handler, attention_block_fwd_task),
+    "tinyinterp_attention_out_fwd": (attention_out_fwd_handler, attention_out_fwd_task),
+    "tinyinterp_qkv_fwd": (qkv_fwd_handler, qkv_fwd_task),
 }
 TARGETS = tuple(_HANDLERS)
 _compiled: dict = {}

@@ -1,4 +1,5 @@
-"""The fused attention sublayer (kernels/block.py) against its references.
+"""The fused attention sublayer and the row-chunked q/k/v and attention-output kernels
+(kernels/block.py) against their references.
 
 The kernel alone is checked against a float64 numpy sublayer; inside the model, the plain forward
 (which takes the kernel) is checked against the same model run through the unfused path (forced
@@ -19,13 +20,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyinterp import TransformerConfig, attention
-from tinyinterp.model import HookedTransformer, forward
+from tinyinterp.model import HookedTransformer, forward, forward_with_cache
 
 NUMBA_PROBLEM = attention.numba_unavailable_reason()
 needs_numba = pytest.mark.skipif(NUMBA_PROBLEM is not None,
                                  reason=f"numba backend unavailable: {NUMBA_PROBLEM}")
 NORMS = (None, "LN", "LNPre", "RMS", "RMSPre")
 TARGET = "tinyinterp_attention_block_fwd"
+OUT_TARGET = "tinyinterp_attention_out_fwd"
+QKV_TARGET = "tinyinterp_qkv_fwd"
 
 
 def _reference(resid, W, bias, W_O, b_O, scale, eps, norm):
@@ -225,3 +228,247 @@ def test_vmap_over_models_and_small_batches():
     assert not _runs_kernel(lambda p: forward(p, cfg, small), _perturbed_params(cfg, 1))
     odd = dataclasses.replace(cfg, d_model=24, d_head=12)
     assert not _runs_kernel(lambda p: forward(p, odd, tokens), _perturbed_params(odd, 1))
+
+
+# ---- attention_out_fwd: hook_result and the summed output in one kernel -----------------------
+
+
+def _out_inputs(n_rows, n_heads, d_head, d_model, seed):
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n_rows, n_heads, d_head)).astype(np.float32)
+    W_O = (rng.standard_normal((n_heads, d_head, d_model)) / np.sqrt(d_head)).astype(np.float32)
+    return z, W_O, rng.standard_normal(d_model).astype(np.float32)
+
+
+@needs_numba
+@settings(max_examples=30, deadline=None)
+@given(n_rows=st.integers(1, 150), n_heads=st.integers(1, 5), d_head=st.integers(1, 24),
+       d_model=st.sampled_from([16, 32, 48, 64, 80]), seed=st.integers(0, 2**16))
+def test_attention_out_kernel_matches_float64_reference(n_rows, n_heads, d_head, d_model, seed):
+    """Row counts that are not whole 8-row tiles or whole CHUNK_ROWS items (up to 3 items), any
+    d_head, d_model that uses the 48-column tiles, the 16-column tiles or both."""
+    from tinyinterp.kernels.block import CHUNK_ROWS, attention_out_fwd
+
+    z, W_O, b_O = _out_inputs(n_rows, n_heads, d_head, d_model, seed)
+    result = np.full((n_rows, n_heads, d_model), np.nan, np.float32)
+    out = np.full((n_rows, d_model), np.nan, np.float32)
+    done = attention_out_fwd(z, W_O, b_O, result, out, np.ones(1, np.int64), 0)
+    assert done == -(-n_rows // CHUNK_ROWS)  # every item, by this call
+    want = np.einsum("rhd,hdm->rhm", z.astype(np.float64), W_O.astype(np.float64))
+    scale = max(1.0, np.abs(want).max())
+    np.testing.assert_allclose(result, want, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(out, want.sum(1) + b_O, rtol=1e-5, atol=1e-6 * n_heads * scale)
+
+
+@needs_numba
+def test_attention_out_under_xla_is_bitwise_the_direct_call():
+    """Through the FFI the chunks of rows are split over XLA's pool threads; each is computed by
+    one thread in a fixed order, so the bits equal one direct call on one thread."""
+    from tinyinterp.kernels.block import CHUNK_ROWS, attention_out_fwd
+
+    n_batch, n_pos, n_heads, d_head, d_model = 7, 29, 3, 16, 48
+    assert n_batch * n_pos > 2 * CHUNK_ROWS
+    z, W_O, b_O = _out_inputs(n_batch * n_pos, n_heads, d_head, d_model, 5)
+    got_r, got_o = jax.jit(attention.attention_out_fwd)(
+        jnp.asarray(z).reshape(n_batch, n_pos, n_heads, d_head), jnp.asarray(W_O),
+        jnp.asarray(b_O))
+    result = np.empty((n_batch * n_pos, n_heads, d_model), np.float32)
+    out = np.empty((n_batch * n_pos, d_model), np.float32)
+    attention_out_fwd(z, W_O, b_O, result, out, np.ones(1, np.int64), 0)
+    np.testing.assert_array_equal(np.asarray(got_r).reshape(result.shape), result)
+    np.testing.assert_array_equal(np.asarray(got_o).reshape(out.shape), out)
+
+
+def _reads_result(cfg):
+    return [f"blocks.{i}.attn.hook_result" for i in range(cfg.n_layers)]
+
+
+def _result_edit_hooks(cfg):
+    """An identity hook on every hook_result: the model then sums the (edited) results in jnp."""
+    return [(n, lambda x, *, name: x) for n in _reads_result(cfg)]
+
+
+@needs_numba
+@settings(max_examples=6, deadline=None)
+@given(case=_model_case())
+def test_cached_result_matches_reference_paths(case):
+    """A cache of hook_result (with the outputs after it) takes the kernel; it agrees with the
+    same run whose results are summed in jnp (an identity hook on them) and with the XLA
+    backend, in the cached results, the residual stream and the logits."""
+    cfg, tokens, seed = case
+    params = _perturbed_params(cfg, seed)
+    names = _reads_result(cfg) + [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
+    runs = {}
+    for label, c, hooks in (("kernel", cfg, ()), ("jnp", cfg, _result_edit_hooks(cfg)),
+                            ("xla", dataclasses.replace(cfg, attention_backend="xla"), ())):
+        fn = jax.jit(lambda p, c=c, hooks=hooks: forward_with_cache(p, c, tokens, names,
+                                                                     fwd_hooks=hooks))
+        assert (OUT_TARGET in fn.lower(params).compile().as_text()) == (label == "kernel")
+        runs[label] = fn(params)
+    logits, cache = runs["kernel"]
+    scale = max(1.0, float(np.abs(logits).max()))
+    for label in ("jnp", "xla"):
+        other_logits, other = runs[label]
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(other_logits), rtol=2e-5,
+                                   atol=2e-5 * scale)
+        for n in names:
+            want = np.asarray(other[n])
+            np.testing.assert_allclose(np.asarray(cache[n]), want, rtol=2e-5,
+                                       atol=2e-5 * max(1.0, np.abs(want).max()))
+
+
+@needs_numba
+@settings(max_examples=4, deadline=None)
+@given(case=_model_case())
+def test_gradients_through_cached_result_are_the_references(case):
+    """A metric of the cached results and the loss, differentiated: the kernel does not run
+    under jax.grad (its autodiff rule is the jnp reference's), and the gradients equal those of
+    the run that sums the results in jnp."""
+    cfg, tokens, seed = case
+    params = _perturbed_params(cfg, seed)
+    names = _reads_result(cfg)
+
+    def metric(p, hooks):
+        loss, cache = forward_with_cache(p, cfg, tokens, names, return_type="loss",
+                                         fwd_hooks=hooks)
+        return loss + sum(jnp.sum(jnp.tanh(cache[n])) for n in names) / tokens.size
+
+    grad_kernel = jax.jit(jax.value_and_grad(lambda p: metric(p, ())))
+    assert OUT_TARGET not in grad_kernel.lower(params).compile().as_text()
+    (m_k, g_k) = grad_kernel(params)
+    (m_j, g_j) = jax.jit(jax.value_and_grad(lambda p: metric(p, _result_edit_hooks(cfg))))(params)
+    np.testing.assert_allclose(float(m_k), float(m_j), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_j), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                   atol=1e-5 * max(1.0, float(np.abs(b).max())))
+
+
+@needs_numba
+def test_row_kernels_vmap_and_unsupported_shapes():
+    """vmap over two parameter sets runs the q/k/v and attention-output kernels once per set;
+    d_model and head_index * d_head that are not whole 16-float vectors take the jnp path. Both
+    agree with the jnp path."""
+    cfg = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_head=16, d_vocab=11, n_ctx=9,
+                            attn_only=True, attention_backend="numba")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (3, 9)), jnp.int32)
+    names = _reads_result(cfg) + ["blocks.0.attn.hook_q"]
+    edit = _result_edit_hooks(cfg) + [(n, lambda x, *, name: x) for n in _qkv_names(cfg)]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), _perturbed_params(cfg, 1),
+                           _perturbed_params(cfg, 2))
+    batched = jax.jit(jax.vmap(lambda p: forward_with_cache(p, cfg, tokens, names)[1]))
+    hlo = batched.lower(stacked).compile().as_text()
+    assert OUT_TARGET in hlo and QKV_TARGET in hlo
+    got = batched(stacked)
+    for i in range(2):
+        p = jax.tree.map(lambda x, i=i: x[i], stacked)
+        want = jax.jit(lambda p: forward_with_cache(p, cfg, tokens, names, fwd_hooks=edit)[1])(p)
+        for n in names:
+            np.testing.assert_allclose(np.asarray(got[n][i]), np.asarray(want[n]), rtol=2e-5,
+                                       atol=2e-5)
+    odd = dataclasses.replace(cfg, d_model=24, d_head=12)
+    fn = jax.jit(lambda p: forward_with_cache(p, odd, tokens, names)[1])
+    hlo = fn.lower(_perturbed_params(odd, 1)).compile().as_text()
+    assert OUT_TARGET not in hlo and QKV_TARGET not in hlo
+
+
+# ---- qkv_fwd: q, k, v written separately, for caches and hooks that read them ------------------
+
+
+@needs_numba
+@settings(max_examples=30, deadline=None)
+@given(n_rows=st.integers(1, 150), heads=_heads(), d_model=st.integers(1, 70),
+       seed=st.integers(0, 2**16))
+def test_qkv_kernel_matches_float64_reference(n_rows, heads, d_model, seed):
+    """Row counts that are not whole tiles or chunks, any d_model, q/k/v widths that use the
+    48-column tiles, the 16-column tiles or both."""
+    from tinyinterp.kernels.block import CHUNK_ROWS, qkv_fwd
+
+    n_heads, d_head = heads
+    n = n_heads * d_head
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_rows, d_model)).astype(np.float32)
+    W = (rng.standard_normal((d_model, 3 * n)) / np.sqrt(d_model)).astype(np.float32)
+    bias = rng.standard_normal(3 * n).astype(np.float32)
+    outs = [np.full((n_rows, n), np.nan, np.float32) for _ in range(3)]
+    done = qkv_fwd(x, W, bias, *outs, np.ones(1, np.int64), 0)
+    assert done == -(-n_rows // CHUNK_ROWS)
+    want = x.astype(np.float64) @ W.astype(np.float64) + bias
+    for i, got in enumerate(outs):
+        np.testing.assert_allclose(got, want[:, i * n:(i + 1) * n], rtol=1e-5, atol=1e-5)
+
+
+@needs_numba
+def test_qkv_under_xla_is_bitwise_the_direct_call():
+    from tinyinterp.kernels.block import CHUNK_ROWS, qkv_fwd
+
+    n_batch, n_pos, d_model, n_heads, d_head = 5, 31, 40, 3, 16
+    assert n_batch * n_pos > 2 * CHUNK_ROWS
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((n_batch, n_pos, d_model)).astype(np.float32)
+    W = rng.standard_normal((d_model, 3 * n_heads * d_head)).astype(np.float32)
+    bias = rng.standard_normal(3 * n_heads * d_head).astype(np.float32)
+    got = jax.jit(attention.qkv_fwd, static_argnums=3)(x, W, bias, n_heads)
+    outs = [np.empty((n_batch * n_pos, n_heads * d_head), np.float32) for _ in range(3)]
+    qkv_fwd(x.reshape(-1, d_model), W, bias, *outs, np.ones(1, np.int64), 0)
+    for g, o in zip(got, outs, strict=True):
+        np.testing.assert_array_equal(np.asarray(g).reshape(o.shape), o)
+
+
+def _qkv_names(cfg):
+    return [f"blocks.{i}.attn.hook_{c}" for i in range(cfg.n_layers) for c in "qkv"]
+
+
+@needs_numba
+@settings(max_examples=6, deadline=None)
+@given(case=_model_case(), which=st.sampled_from(["q", "qkv", "v+pattern"]))
+def test_cached_qkv_matches_reference_paths(case, which):
+    """A cache of q, k or v takes the kernel; it agrees with the run whose q, k, v are made by
+    XLA matmuls (identity hooks on them) and with the XLA backend, in the cached values and the
+    logits. The scores/pattern path after it is the one a cache of them takes."""
+    cfg, tokens, seed = case
+    params = _perturbed_params(cfg, seed)
+    names = {"q": [f"blocks.{i}.attn.hook_q" for i in range(cfg.n_layers)],
+             "qkv": _qkv_names(cfg),
+             "v+pattern": [f"blocks.{i}.attn.hook_{c}" for i in range(cfg.n_layers)
+                           for c in ("v", "pattern")]}[which]
+    edit = [(n, lambda x, *, name: x) for n in _qkv_names(cfg)]
+    runs = {}
+    for label, c, hooks in (("kernel", cfg, ()), ("jnp", cfg, edit),
+                            ("xla", dataclasses.replace(cfg, attention_backend="xla"), ())):
+        fn = jax.jit(lambda p, c=c, hooks=hooks: forward_with_cache(p, c, tokens, names,
+                                                                     fwd_hooks=hooks))
+        assert (QKV_TARGET in fn.lower(params).compile().as_text()) == (label == "kernel")
+        runs[label] = fn(params)
+    logits, cache = runs["kernel"]
+    for label in ("jnp", "xla"):
+        other_logits, other = runs[label]
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(other_logits), rtol=2e-5,
+                                   atol=2e-5 * max(1.0, float(np.abs(logits).max())))
+        for n in names:
+            want = np.asarray(other[n])
+            np.testing.assert_allclose(np.asarray(cache[n]), want, rtol=2e-5,
+                                       atol=2e-5 * max(1.0, np.abs(want).max()))
+
+
+@needs_numba
+@settings(max_examples=4, deadline=None)
+@given(case=_model_case())
+def test_gradients_through_cached_qkv_are_the_references(case):
+    cfg, tokens, seed = case
+    params = _perturbed_params(cfg, seed)
+    names = _qkv_names(cfg)
+    edit = [(n, lambda x, *, name: x) for n in names]
+
+    def metric(p, hooks):
+        loss, cache = forward_with_cache(p, cfg, tokens, names, return_type="loss",
+                                         fwd_hooks=hooks)
+        return loss + sum(jnp.sum(jnp.tanh(cache[n])) for n in names) / tokens.size
+
+    grad_kernel = jax.jit(jax.value_and_grad(lambda p: metric(p, ())))
+    assert QKV_TARGET not in grad_kernel.lower(params).compile().as_text()
+    (m_k, g_k), (m_j, g_j) = grad_kernel(params), jax.jit(
+        jax.value_and_grad(lambda p: metric(p, edit)))(params)
+    np.testing.assert_allclose(float(m_k), float(m_j), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_j), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                   atol=1e-5 * max(1.0, float(np.abs(b).max())))

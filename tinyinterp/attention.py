@@ -19,6 +19,8 @@ that reads them), and ``packed_causal_attention`` reads q, k, v packed in one
 [batch, pos, 3, head_index, d_head] array and returns one packed gradient.
 ``attention_block_fwd`` runs a whole attention sublayer (norm, q/k/v, attention, output
 projection, residual add) as one kernel, for forwards that nobody differentiates or hooks inside.
+``qkv_fwd`` and ``attention_out_fwd`` write q, k, v and the per-head results with the summed
+output, for runs that read those hook points (caches) without editing them.
 
 Dtypes: the Numba backend computes in float32 and raises ``TypeError`` for any other dtype (it
 never casts silently); the XLA backend accepts any floating dtype.
@@ -561,3 +563,58 @@ def attention_block_fwd(resid: jax.Array, W: jax.Array, bias: jax.Array, W_O: ja
     consts = jnp.asarray([scale, eps, NORMS.index(norm)], f32)
     return call(resid.astype(f32), W.astype(f32), bias.astype(f32), W_O.astype(f32),
                 b_O.astype(f32), consts, task=np.int64(task_address(_BLOCK_TARGET)))
+
+
+_OUT_TARGET = "tinyinterp_attention_out_fwd"
+
+
+def attention_out_supported(d_model: int) -> bool:
+    """Shapes attention_out_fwd takes: d_model a whole number of 16-float vectors."""
+    return d_model % 16 == 0
+
+
+def attention_out_fwd(z: jax.Array, W_O: jax.Array, b_O: jax.Array
+                      ) -> tuple[jax.Array, jax.Array]:
+    """The attention output with every head's result (Numba backend, kernels/block.py):
+    z [batch, pos, head, d_head], W_O [head, d_head, d_model], b_O [d_model] ->
+    (result [batch, pos, head, d_model] = z_h @ W_O[h], out [batch, pos, d_model] = the sum over
+    heads + b_O). No autodiff rule of its own: the model pairs it with the jnp reference
+    (model._attention_out)."""
+    from tinyinterp.kernels.ffi import task_address
+
+    f32 = jnp.float32
+    n_batch, n_pos, n_heads, _ = z.shape
+    d_model = W_O.shape[-1]
+    call = jax.ffi.ffi_call(
+        _ensure_target(_OUT_TARGET),
+        (jax.ShapeDtypeStruct((n_batch, n_pos, n_heads, d_model), f32),
+         jax.ShapeDtypeStruct((n_batch, n_pos, d_model), f32)),
+        vmap_method="sequential")  # W_O may be vmapped too: one call each
+    return call(z.astype(f32), W_O.astype(f32), b_O.astype(f32),
+                task=np.int64(task_address(_OUT_TARGET)))
+
+
+_QKV_TARGET = "tinyinterp_qkv_fwd"
+
+
+def qkv_supported(n_heads: int, d_head: int) -> bool:
+    """Shapes qkv_fwd takes: head_index * d_head a whole number of 16-float vectors."""
+    return (n_heads * d_head) % 16 == 0
+
+
+def qkv_fwd(x: jax.Array, W: jax.Array, bias: jax.Array, n_heads: int
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k, v [batch, pos, head_index, d_head] = x @ W + bias split three ways (Numba backend,
+    kernels/block.py): x [batch, pos, d_model], W [d_model, 3 * head_index * d_head] and bias
+    [3 * head_index * d_head] with q's columns first, then k's, then v's, each head-major. No
+    autodiff rule of its own: the model pairs it with the jnp reference (model._project_qkv)."""
+    from tinyinterp.kernels.ffi import task_address
+
+    f32 = jnp.float32
+    n_batch, n_pos, _ = x.shape
+    d_head = W.shape[1] // (3 * n_heads)
+    shape = jax.ShapeDtypeStruct((n_batch, n_pos, n_heads, d_head), f32)
+    call = jax.ffi.ffi_call(_ensure_target(_QKV_TARGET), (shape, shape, shape),
+                            vmap_method="sequential")  # W may be vmapped too: one call each
+    return call(x.astype(f32), W.astype(f32), bias.astype(f32),
+                task=np.int64(task_address(_QKV_TARGET)))

@@ -117,6 +117,16 @@ def attention(p: dict, x: Float[Array, "batch pos d_model"], ln: dict, layer: in
     qkv_names = [f"{name}.hook_{c}" for c in "qkv"]
     packed = (backend == "numba" and not any(hp.wants(n) for n in qkv_names)
               and not hp.replaces(s_name) and not hp.replaces(p_name))
+    # q, k, v are needed on their own (read by a cache, or the scores/pattern edited) but nobody
+    # edits them: one kernel writes the three, the norm's weight and bias folded into W
+    qkv_kernel = (not packed and backend == "numba" and not any(hp.replaces(n) for n in qkv_names)
+                  and x.dtype == p["W_Q"].dtype == jnp.float32
+                  and attn_backends.qkv_supported(cfg.n_heads, cfg.d_head))
+    if qkv_kernel:
+        W, b = _packed_qkv_weights(p, ln, cfg)
+        q, k, v = (hp(n, a) for n, a in zip(qkv_names, _numba_qkv(x, W, b, cfg.n_heads),
+                                            strict=True))
+        return _attention_from_qkv(p, q, k, v, name, hp, backend, scale)
     if not packed:
         x = apply_affine(x, ln, cfg)
     x2 = x.reshape(n_batch * n_pos, d_model)  # [batch*pos, d_model]: plain 2-D matmuls
@@ -130,17 +140,27 @@ def attention(p: dict, x: Float[Array, "batch pos d_model"], ln: dict, layer: in
         # Nobody looks at q, k, v: one matmul makes them packed [batch, pos, 3, head, d_head],
         # with the norm's weight and bias folded into it; the kernel reads them in place, and the
         # backward is one matmul for their input gradients and one for the weights. (When q, k
-        # or v are cached, three separate matmuls cost less than copying them out of qkv.)
+        # or v are read, the qkv kernel above writes them as three arrays.)
         qkv = _project_packed(x2, p, ln, cfg, n_batch, n_pos)
         z, scores, pattern = attn_backends.packed_causal_attention(
             qkv, backend=backend, scale=scale, scores=hp.wants(s_name), pattern=hp.wants(p_name))
         for hook_name, value in ((s_name, scores), (p_name, pattern)):
             if value is not None:
                 hp(hook_name, value)
-        return _attention_out(p, z, name, hp)
+        return _attention_out(p, z, name, hp, backend)
     q = hp(f"{name}.hook_q", _project(x2, p["W_Q"], p["b_Q"], n_batch, n_pos))
     k = hp(f"{name}.hook_k", _project(x2, p["W_K"], p["b_K"], n_batch, n_pos))
     v = hp(f"{name}.hook_v", _project(x2, p["W_V"], p["b_V"], n_batch, n_pos))
+    return _attention_from_qkv(p, q, k, v, name, hp, backend, scale)
+
+
+def _attention_from_qkv(p: dict, q: Float[Array, "batch pos head d_head"],
+                        k: Float[Array, "batch pos head d_head"],
+                        v: Float[Array, "batch pos head d_head"], name: str, hp: HookContext,
+                        backend: str, scale: float) -> Float[Array, "batch pos d_model"]:
+    """Attention from separate q, k, v: the scores and pattern (materialised, written for a
+    cache, or never built), z and the output."""
+    s_name, p_name = f"{name}.hook_attn_scores", f"{name}.hook_pattern"
     if hp.replaces(s_name) or hp.replaces(p_name):
         # Someone edits the scores/pattern (or probes them for gradients): materialise them and
         # compute z from the (edited) pattern.
@@ -159,25 +179,80 @@ def attention(p: dict, x: Float[Array, "batch pos d_model"], ln: dict, layer: in
     else:
         # Nobody does: the fused path never builds the [batch, head, pos, pos] pattern.
         z = attn_backends.causal_attention(q, k, v, backend=backend, scale=scale)
-    return _attention_out(p, z, name, hp)
+    return _attention_out(p, z, name, hp, backend)
 
 
 def _attention_out(p: dict, z: Float[Array, "batch pos head d_head"], name: str,
-                   hp: HookContext) -> Float[Array, "batch pos d_model"]:
+                   hp: HookContext, backend: str) -> Float[Array, "batch pos d_model"]:
     """hook_z, then the heads' summed output (and hook_result if anyone wants it)."""
-    n_batch, n_pos = z.shape[:2]
     z = hp(f"{name}.hook_z", z)
-    # attention output: z [batch, pos, head, d_head] @ W_O [head, d_head, d_model] summed over
-    # heads, as one matmul [batch*pos, head*d_head] @ [head*d_head, d_model] (both reshapes are
-    # free in row-major order; the einsum form made XLA transpose z to [..., d_head, head] first)
-    n_heads, d_head, d_model = p["W_O"].shape
-    out = (z.reshape(n_batch * n_pos, n_heads * d_head) @ p["W_O"].reshape(n_heads * d_head, d_model)
-           + p["b_O"][None]).reshape(n_batch, n_pos, d_model)  # b_O [d_model] -> [1, d_model]
-    if hp.wants(f"{name}.hook_result"):
-        result = hp(f"{name}.hook_result", per_head_result(z, p["W_O"]))
-        if hp.replaces(f"{name}.hook_result"):  # edited (or probed for gradients): use it
-            return jnp.sum(result, axis=2) + p["b_O"][None, None]
-    return out
+    W_O, b_O = p["W_O"], p["b_O"]
+    r_name = f"{name}.hook_result"
+    if not hp.wants(r_name):
+        return _summed_out(z, W_O, b_O)
+    if (not hp.replaces(r_name) and backend == "numba"
+            and z.dtype == W_O.dtype == b_O.dtype == jnp.float32
+            and attn_backends.attention_out_supported(W_O.shape[-1])):
+        # hook_result is read, not edited: one kernel writes it and the summed output
+        result, out = _numba_attention_out(z, W_O, b_O)
+        hp(r_name, result)
+        return out
+    result = hp(r_name, per_head_result(z, W_O))
+    if hp.replaces(r_name):  # edited (or probed for gradients): use it
+        return jnp.sum(result, axis=2) + b_O[None, None]
+    return _summed_out(z, W_O, b_O)
+
+
+def _summed_out(z: Float[Array, "batch pos head d_head"], W_O: Float[Array, "head d_head d_model"],
+                b_O: Float[Array, " d_model"]) -> Float[Array, "batch pos d_model"]:
+    """The attention output: z [batch, pos, head, d_head] @ W_O [head, d_head, d_model] summed
+    over heads, + b_O, as one matmul [batch*pos, head*d_head] @ [head*d_head, d_model] (both
+    reshapes are free in row-major order; the einsum form made XLA transpose z to
+    [..., d_head, head] first)."""
+    n_batch, n_pos, n_heads, d_head = z.shape
+    d_model = W_O.shape[-1]
+    return (z.reshape(n_batch * n_pos, n_heads * d_head) @ W_O.reshape(n_heads * d_head, d_model)
+            + b_O[None]).reshape(n_batch, n_pos, d_model)  # b_O [d_model] -> [1, d_model]
+
+
+def _attention_out_parts(z: Float[Array, "batch pos head d_head"],
+                         W_O: Float[Array, "head d_head d_model"], b_O: Float[Array, " d_model"]
+                         ) -> tuple[Float[Array, "batch pos head d_model"],
+                                    Float[Array, "batch pos d_model"]]:
+    """(hook_result, the summed output) in jnp."""
+    return per_head_result(z, W_O), _summed_out(z, W_O, b_O)
+
+
+@jax.custom_vjp
+def _numba_attention_out(z, W_O, b_O):
+    """_attention_out_parts by one Numba kernel (kernels/block.py: attention_out_fwd). Its
+    autodiff rule is the jnp reference's: under ``jax.grad`` the forward runs in jnp, so the
+    gradients are exactly those of the reference path."""
+    return attn_backends.attention_out_fwd(z, W_O, b_O)
+
+
+_numba_attention_out.defvjp(lambda *args: jax.vjp(_attention_out_parts, *args),
+                            lambda vjp, ct: vjp(ct))
+
+
+def _qkv_reference(x: Float[Array, "batch pos d_model"], W: Float[Array, "d_model n_qkv"],
+                   b: Float[Array, " n_qkv"], n_heads: int
+                   ) -> tuple[Float[Array, "batch pos head d_head"], ...]:
+    """q, k, v = x @ W + b split three ways (W, b from _packed_qkv_weights), in jnp."""
+    n_batch, n_pos, d_model = x.shape
+    qkv = (x.reshape(n_batch * n_pos, d_model) @ W + b[None]).reshape(n_batch, n_pos, 3, n_heads, -1)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _numba_qkv(x, W, b, n_heads):
+    """_qkv_reference by one Numba kernel (kernels/block.py: qkv_fwd). Its autodiff rule is the
+    jnp reference's, so gradients are exactly the reference path's."""
+    return attn_backends.qkv_fwd(x, W, b, n_heads)
+
+
+_numba_qkv.defvjp(lambda x, W, b, n_heads: jax.vjp(
+    lambda *a: _qkv_reference(*a, n_heads), x, W, b), lambda n_heads, vjp, ct: vjp(ct))
 
 
 def _project_packed(x2: Float[Array, "batch_pos d_model_plus_1"], p: dict, ln: dict,
