@@ -152,14 +152,19 @@ def lr_schedule(tc: TrainConfig) -> Callable[[jax.Array], jax.Array]:
     constant, cosine or linear decay to ``lr * final_lr_frac`` at the last step."""
     lr, warm, total, frac = float(tc.lr), tc.warmup_steps, tc.steps, float(tc.final_lr_frac)
 
+    span = max(total - warm - 1, 1)  # steps over which the decay runs
+
     def schedule(count: jax.Array) -> jax.Array:
         s = jnp.asarray(count).astype(jnp.float32)
         w = jnp.minimum(1.0, (s + 1.0) / warm) if warm else jnp.ones_like(s)
-        progress = jnp.clip((s - warm) / max(total - warm - 1, 1), 0.0, 1.0)
-        if tc.schedule == "cosine":
-            decay = frac + (1.0 - frac) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        # the part of the decay still ahead, 1 - progress with progress = (s - warm) / span,
+        # from integers: near the end, 1 - progress (and 1 + cos(pi progress)) in float32 would
+        # cancel, giving the last steps' lr ~1e-4 relative error
+        ahead = jnp.clip((warm + span - s) / span, 0.0, 1.0)
+        if tc.schedule == "cosine":  # 0.5 (1 + cos(pi progress)) = sin(pi ahead / 2)^2
+            decay = frac + (1.0 - frac) * jnp.sin(0.5 * jnp.pi * ahead) ** 2
         elif tc.schedule == "linear":
-            decay = 1.0 - (1.0 - frac) * progress
+            decay = frac + (1.0 - frac) * ahead
         else:
             decay = jnp.ones_like(s)
         return lr * w * decay
