@@ -19,13 +19,21 @@ forward and also returns fresh arrays of exactly the cache's shapes, each filled
 writes alone. It is not a hard floor: a two-thread Numba fill into XLA's buffers ran at ~34 GB/s
 here against XLA's ~21 GB/s, but a fused kernel that wrote the hook points as it went was still
 slower than the unfused path (kernels/block.py).
+
+Last, the machine's write ceiling: the best of 200 two-thread memsets (libc, through ctypes, one
+half each) of one warm buffer of the cache's size, and what writing the cache's bytes at that
+rate alone would cost as a multiple of the plain forward, against the 0.15x the goal leaves for
+everything a cache adds. (A C loop of AVX-512 stores or memset, without Python's thread start,
+reached ~58-60 GB/s on this machine; this measures somewhat lower.)
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import statistics
+import threading
 import time
 
 import jax
@@ -62,6 +70,27 @@ def fill_like(cfg, shapes):
         return forward(p, cfg, t), [jnp.full(s, c + i) for i, s in enumerate(shapes)]
 
     return jax.jit(fn)
+
+
+def write_ceiling_gbs(nbytes: int, repeats: int = 200) -> float:
+    """GB/s of the best of ``repeats`` two-thread memsets of one warm ``nbytes`` buffer (ctypes
+    calls release the GIL, so the two halves are written at once)."""
+    buf = ctypes.create_string_buffer(nbytes)
+    addr, half = ctypes.addressof(buf), nbytes // 2
+
+    def write(i: int, value: int) -> None:
+        ctypes.memset(addr + i * half, value, half)
+
+    best = math.inf
+    for r in range(repeats):
+        threads = [threading.Thread(target=write, args=(i, r % 127)) for i in range(2)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * half / best / 1e9
 
 
 def main() -> None:
@@ -106,6 +135,12 @@ def main() -> None:
               f"{len(shapes)} outputs, {mib:.1f} MiB, as constants: {t_floor:.3f} ms)")
         print(f"  TL anchor / plain   {TL_ANCHOR_MS / t_plain:8.2f}x   (goal >= 3x; TL 3.9 at "
               f"{TL_ANCHOR_MS} ms, a fixed number from another run)")
+        if resolved == "numba":
+            gbs = write_ceiling_gbs(int(mib * 2**20))
+            t_write = mib * 2**20 / gbs / 1e6
+            print(f"  write ceiling       {gbs:8.1f} GB/s (2-thread memset of a warm {mib:.1f} MiB "
+                  f"buffer): the cache's bytes alone at that rate take {t_write:.3f} ms = "
+                  f"{t_write / t_plain:.2f}x the plain forward (the goal leaves 0.15x)")
 
 
 if __name__ == "__main__":

@@ -793,20 +793,22 @@ def attention_block_fwd_task(data):
 
 
 @_njit_helper
-def _n_chunks(n_rows):
-    """The work items of the row-chunked kernels (kernels/block.py: CHUNK_ROWS rows each)."""
-    return (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+def _handle_chunks(call_frame, ranks_args, ranks_rets):
+    """A whole handler for the row-chunked kernels (kernels/block.py): _enter, then the task on
+    the pool over chunks of CHUNK_ROWS rows of argument 0 [batch, pos, ...]. (Called with
+    vmap_method="sequential": no leading vmap dims.)"""
+    frame, status, _, task = _enter(call_frame, ranks_args, ranks_rets, False)
+    if status == _RUN:
+        arg = _arg(frame, 0)
+        n_rows = _dim(arg, 0) * _dim(arg, 1)
+        status = _run_job(frame, task, (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS, np.float32(0.0))
+    return _voidptr(status)
 
 
 def qkv_fwd_handler(call_frame):
     """args x [b, pos, d_model], W [d_model, 3n], bias [3n]; attr task; rets q, k, v
-    [b, pos, h, d] (kernels/block.py). Work items are chunks of CHUNK_ROWS rows of x. (Called
-    with vmap_method="sequential": no leading vmap dims.)"""
-    frame, status, _, task = _enter(call_frame, (3, 2, 1), (4, 4, 4), False)
-    if status == _RUN:
-        x = _view3(_arg(frame, 0))
-        status = _run_job(frame, task, _n_chunks(x.shape[0] * x.shape[1]), np.float32(0.0))
-    return _voidptr(status)
+    [b, pos, h, d] (kernels/block.py)."""
+    return _handle_chunks(call_frame, (3, 2, 1), (4, 4, 4))
 
 
 def qkv_fwd_task(data):
@@ -818,7 +820,8 @@ def qkv_fwd_task(data):
         n_rows, d_model = x.shape[0] * x.shape[1], x.shape[2]
         q = _view1(_ret(frame, 0))
         n = q.shape[0] // n_rows
-        done = qkv_fwd(x.reshape((n_rows, d_model)), _view1(_arg(frame, 1)).reshape((d_model, 3 * n)),
+        done = qkv_fwd(x.reshape((n_rows, d_model)),
+                       _view1(_arg(frame, 1)).reshape((d_model, 3 * n)),
                        _view1(_arg(frame, 2)), q.reshape((n_rows, n)),
                        _view1(_ret(frame, 1)).reshape((n_rows, n)),
                        _view1(_ret(frame, 2)).reshape((n_rows, n)), _job_counter(job), first)
@@ -827,14 +830,8 @@ def qkv_fwd_task(data):
 
 def attention_out_fwd_handler(call_frame):
     """args z [b, pos, h, d], W_O [h, d, d_model], b_O [d_model]; attr task; rets result
-    [b, pos, h, d_model], out [b, pos, d_model] (kernels/block.py). Work items are chunks of
-    CHUNK_ROWS rows of z. (Called with vmap_method="sequential": no leading vmap dims.)"""
-    frame, status, _, task = _enter(call_frame, (4, 3, 1), (4, 3), False)
-    if status == _RUN:
-        z = _view4(_arg(frame, 0))
-        n_rows = z.shape[0] * z.shape[1]
-        status = _run_job(frame, task, _n_chunks(n_rows), np.float32(0.0))
-    return _voidptr(status)
+    [b, pos, h, d_model], out [b, pos, d_model] (kernels/block.py)."""
+    return _handle_chunks(call_frame, (4, 3, 1), (4, 3))
 
 
 def attention_out_fwd_task(data):

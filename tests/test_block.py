@@ -283,50 +283,39 @@ def _reads_result(cfg):
     return [f"blocks.{i}.attn.hook_result" for i in range(cfg.n_layers)]
 
 
-def _result_edit_hooks(cfg):
-    """An identity hook on every hook_result: the model then sums the (edited) results in jnp."""
-    return [(n, lambda x, *, name: x) for n in _reads_result(cfg)]
+def _qkv_names(cfg):
+    return [f"blocks.{i}.attn.hook_{c}" for i in range(cfg.n_layers) for c in "qkv"]
 
 
-@needs_numba
-@settings(max_examples=6, deadline=None)
-@given(case=_model_case())
-def test_cached_result_matches_reference_paths(case):
-    """A cache of hook_result (with the outputs after it) takes the kernel; it agrees with the
-    same run whose results are summed in jnp (an identity hook on them) and with the XLA
-    backend, in the cached results, the residual stream and the logits."""
-    cfg, tokens, seed = case
-    params = _perturbed_params(cfg, seed)
-    names = _reads_result(cfg) + [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
+def _identity_hooks(names):
+    return [(n, lambda x, *, name: x) for n in names]
+
+
+def _check_cache_paths(cfg, tokens, params, names, edit, target):
+    """The cache of ``names`` takes the kernel ``target``; it agrees with the run whose hooks
+    ``edit`` force the jnp path and with the XLA backend, in the cached values and the logits."""
     runs = {}
-    for label, c, hooks in (("kernel", cfg, ()), ("jnp", cfg, _result_edit_hooks(cfg)),
+    for label, c, hooks in (("kernel", cfg, ()), ("jnp", cfg, edit),
                             ("xla", dataclasses.replace(cfg, attention_backend="xla"), ())):
         fn = jax.jit(lambda p, c=c, hooks=hooks: forward_with_cache(p, c, tokens, names,
                                                                      fwd_hooks=hooks))
-        assert (OUT_TARGET in fn.lower(params).compile().as_text()) == (label == "kernel")
+        assert (target in fn.lower(params).compile().as_text()) == (label == "kernel")
         runs[label] = fn(params)
     logits, cache = runs["kernel"]
-    scale = max(1.0, float(np.abs(logits).max()))
     for label in ("jnp", "xla"):
         other_logits, other = runs[label]
         np.testing.assert_allclose(np.asarray(logits), np.asarray(other_logits), rtol=2e-5,
-                                   atol=2e-5 * scale)
+                                   atol=2e-5 * max(1.0, float(np.abs(logits).max())))
         for n in names:
             want = np.asarray(other[n])
             np.testing.assert_allclose(np.asarray(cache[n]), want, rtol=2e-5,
                                        atol=2e-5 * max(1.0, np.abs(want).max()))
 
 
-@needs_numba
-@settings(max_examples=4, deadline=None)
-@given(case=_model_case())
-def test_gradients_through_cached_result_are_the_references(case):
-    """A metric of the cached results and the loss, differentiated: the kernel does not run
-    under jax.grad (its autodiff rule is the jnp reference's), and the gradients equal those of
-    the run that sums the results in jnp."""
-    cfg, tokens, seed = case
-    params = _perturbed_params(cfg, seed)
-    names = _reads_result(cfg)
+def _check_cache_gradients(cfg, tokens, params, names, edit, target):
+    """A metric of the cached ``names`` and the loss, differentiated: the kernel ``target`` does
+    not run under jax.grad (its autodiff rule is the jnp reference's), and the value and every
+    parameter gradient equal those of the run whose hooks ``edit`` force the jnp path."""
 
     def metric(p, hooks):
         loss, cache = forward_with_cache(p, cfg, tokens, names, return_type="loss",
@@ -334,13 +323,35 @@ def test_gradients_through_cached_result_are_the_references(case):
         return loss + sum(jnp.sum(jnp.tanh(cache[n])) for n in names) / tokens.size
 
     grad_kernel = jax.jit(jax.value_and_grad(lambda p: metric(p, ())))
-    assert OUT_TARGET not in grad_kernel.lower(params).compile().as_text()
-    (m_k, g_k) = grad_kernel(params)
-    (m_j, g_j) = jax.jit(jax.value_and_grad(lambda p: metric(p, _result_edit_hooks(cfg))))(params)
+    assert target not in grad_kernel.lower(params).compile().as_text()
+    (m_k, g_k), (m_j, g_j) = grad_kernel(params), jax.jit(
+        jax.value_and_grad(lambda p: metric(p, edit)))(params)
     np.testing.assert_allclose(float(m_k), float(m_j), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_j), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
                                    atol=1e-5 * max(1.0, float(np.abs(b).max())))
+
+
+@needs_numba
+@settings(max_examples=6, deadline=None)
+@given(case=_model_case())
+def test_cached_result_matches_reference_paths(case):
+    """A cache of hook_result (with the residual stream after it) takes the kernel; the jnp path
+    is forced by identity hooks on hook_result (which then sums the results)."""
+    cfg, tokens, seed = case
+    names = _reads_result(cfg) + [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
+    _check_cache_paths(cfg, tokens, _perturbed_params(cfg, seed), names,
+                       _identity_hooks(_reads_result(cfg)), OUT_TARGET)
+
+
+@needs_numba
+@settings(max_examples=4, deadline=None)
+@given(case=_model_case())
+def test_gradients_through_cached_result_are_the_references(case):
+    cfg, tokens, seed = case
+    names = _reads_result(cfg)
+    _check_cache_gradients(cfg, tokens, _perturbed_params(cfg, seed), names,
+                           _identity_hooks(names), OUT_TARGET)
 
 
 @needs_numba
@@ -352,7 +363,7 @@ def test_row_kernels_vmap_and_unsupported_shapes():
                             attn_only=True, attention_backend="numba")
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (3, 9)), jnp.int32)
     names = _reads_result(cfg) + ["blocks.0.attn.hook_q"]
-    edit = _result_edit_hooks(cfg) + [(n, lambda x, *, name: x) for n in _qkv_names(cfg)]
+    edit = _identity_hooks(_reads_result(cfg) + _qkv_names(cfg))
     stacked = jax.tree.map(lambda *x: jnp.stack(x), _perturbed_params(cfg, 1),
                            _perturbed_params(cfg, 2))
     batched = jax.jit(jax.vmap(lambda p: forward_with_cache(p, cfg, tokens, names)[1]))
@@ -414,40 +425,20 @@ def test_qkv_under_xla_is_bitwise_the_direct_call():
         np.testing.assert_array_equal(np.asarray(g).reshape(o.shape), o)
 
 
-def _qkv_names(cfg):
-    return [f"blocks.{i}.attn.hook_{c}" for i in range(cfg.n_layers) for c in "qkv"]
-
-
 @needs_numba
 @settings(max_examples=6, deadline=None)
 @given(case=_model_case(), which=st.sampled_from(["q", "qkv", "v+pattern"]))
 def test_cached_qkv_matches_reference_paths(case, which):
-    """A cache of q, k or v takes the kernel; it agrees with the run whose q, k, v are made by
-    XLA matmuls (identity hooks on them) and with the XLA backend, in the cached values and the
-    logits. The scores/pattern path after it is the one a cache of them takes."""
+    """A cache of q, k or v takes the kernel; the jnp path (XLA matmuls) is forced by identity
+    hooks on q, k, v. With the pattern cached too, the attention after it is the one a cache of
+    the pattern takes."""
     cfg, tokens, seed = case
-    params = _perturbed_params(cfg, seed)
     names = {"q": [f"blocks.{i}.attn.hook_q" for i in range(cfg.n_layers)],
              "qkv": _qkv_names(cfg),
              "v+pattern": [f"blocks.{i}.attn.hook_{c}" for i in range(cfg.n_layers)
                            for c in ("v", "pattern")]}[which]
-    edit = [(n, lambda x, *, name: x) for n in _qkv_names(cfg)]
-    runs = {}
-    for label, c, hooks in (("kernel", cfg, ()), ("jnp", cfg, edit),
-                            ("xla", dataclasses.replace(cfg, attention_backend="xla"), ())):
-        fn = jax.jit(lambda p, c=c, hooks=hooks: forward_with_cache(p, c, tokens, names,
-                                                                     fwd_hooks=hooks))
-        assert (QKV_TARGET in fn.lower(params).compile().as_text()) == (label == "kernel")
-        runs[label] = fn(params)
-    logits, cache = runs["kernel"]
-    for label in ("jnp", "xla"):
-        other_logits, other = runs[label]
-        np.testing.assert_allclose(np.asarray(logits), np.asarray(other_logits), rtol=2e-5,
-                                   atol=2e-5 * max(1.0, float(np.abs(logits).max())))
-        for n in names:
-            want = np.asarray(other[n])
-            np.testing.assert_allclose(np.asarray(cache[n]), want, rtol=2e-5,
-                                       atol=2e-5 * max(1.0, np.abs(want).max()))
+    _check_cache_paths(cfg, tokens, _perturbed_params(cfg, seed), names,
+                       _identity_hooks(_qkv_names(cfg)), QKV_TARGET)
 
 
 @needs_numba
@@ -455,20 +446,6 @@ def test_cached_qkv_matches_reference_paths(case, which):
 @given(case=_model_case())
 def test_gradients_through_cached_qkv_are_the_references(case):
     cfg, tokens, seed = case
-    params = _perturbed_params(cfg, seed)
     names = _qkv_names(cfg)
-    edit = [(n, lambda x, *, name: x) for n in names]
-
-    def metric(p, hooks):
-        loss, cache = forward_with_cache(p, cfg, tokens, names, return_type="loss",
-                                         fwd_hooks=hooks)
-        return loss + sum(jnp.sum(jnp.tanh(cache[n])) for n in names) / tokens.size
-
-    grad_kernel = jax.jit(jax.value_and_grad(lambda p: metric(p, ())))
-    assert QKV_TARGET not in grad_kernel.lower(params).compile().as_text()
-    (m_k, g_k), (m_j, g_j) = grad_kernel(params), jax.jit(
-        jax.value_and_grad(lambda p: metric(p, edit)))(params)
-    np.testing.assert_allclose(float(m_k), float(m_j), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_j), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
-                                   atol=1e-5 * max(1.0, float(np.abs(b).max())))
+    _check_cache_gradients(cfg, tokens, _perturbed_params(cfg, seed), names,
+                           _identity_hooks(names), QKV_TARGET)
