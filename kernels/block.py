@@ -13,8 +13,8 @@ Below it, two row-chunked kernels for runs that read hook points inside the subl
 ``qkv_fwd`` writes q, k, v from the normalized residual, ``attention_out_fwd`` writes hook_result
 and the summed attention output. They use the same register tiles.
 
-The fused kernel writes no hook points: a variant that also wrote the sublayer's activations for a cache was
-slower than the unfused cache path (full cache of the 2-layer benchmark model: 7.7-10.2 ms
+The fused kernel writes no hook points: a variant that also wrote the sublayer's activations for
+a cache was slower than the unfused cache path (full cache of the 2-layer benchmark model: 7.7-10.2 ms
 against 6.6-7.2 ms; without scores, pattern and result: 4.7-4.9 against 4.0 ms). Its extra
 stores into XLA's fresh output buffers ran at a fraction of the bandwidth of XLA's own fusions,
 streaming (non-temporal) stores included, so caches keep the unfused path.
@@ -258,8 +258,8 @@ def qkv_fwd(x, W, bias, q, k, v, counter, first):
     bias folded in); n (= head_index * d_head) a multiple of 16.
 
     XLA runs these as three [rows, d_model + 1] @ [d_model + 1, n] matmuls (the bias as a row
-    against a column of ones) at ~170 GFLOP/s for d_model 64; here the same 8-row tiles as the
-    fused sublayer write the three outputs."""
+    against a column of ones); here the same 8-row tiles as the fused sublayer write the three
+    outputs (4096 rows, d_model 64, n 64: 0.41 ms against XLA's 0.68)."""
     n_rows, d_model = x.shape
     n = q.shape[1]
     n_items = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
@@ -281,8 +281,8 @@ def qkv_fwd(x, W, bias, q, k, v, counter, first):
 
 @njit(cache=True, fastmath=FASTMATH)
 def attention_out_fwd(z, W_O, b_O, result, out, counter, first):
-    """The attention output when its per-head results are wanted too (a cache, or a hook that
-    reads hook_result): for every row r of z [rows, head, d_head] (rows = batch * pos),
+    """The attention output when its per-head results are cached too: for every row r of
+    z [rows, head, d_head] (rows = batch * pos),
 
         result[r, h] = z[r, h] @ W_O[h]                  [rows, head, d_model]
         out[r]       = z[r].ravel() @ W_O.reshape(head * d_head, d_model) + b_O    [rows, d_model]
@@ -292,7 +292,8 @@ def attention_out_fwd(z, W_O, b_O, result, out, counter, first):
 
     XLA writes hook_result as one matmul against a block-diagonal [head*d_head, head*d_model]
     matrix (head x the multiply-adds) or as a batched matmul with transposes; here each head's
-    8-row register tiles write straight into result's [row, head, d_model] layout."""
+    8-row register tiles write straight into result's [row, head, d_model] layout (4096 rows,
+    4 heads of 16, d_model 64, with the summed output: 0.36 ms against XLA's 0.86)."""
     n_rows, n_heads, d_head = z.shape
     d_model = W_O.shape[2]
     n = n_heads * d_head
