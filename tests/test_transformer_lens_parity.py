@@ -58,3 +58,40 @@ def test_every_hook_point_matches_transformer_lens(model, seed):
         compared += 1
     assert compared >= len(cache) - 2
     np.testing.assert_allclose(np.asarray(logits), tl_logits.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm,attn_only", [("LN", True), ("RMS", False), (None, True)])
+def test_numba_paths_match_transformer_lens(norm, attn_only):
+    """The Numba backend at shapes its kernels take (d_model and head_index * d_head whole
+    16-float vectors, batch >= 2): the full cache (the q/k/v and attention-output kernels) and
+    the plain forward (the fused sublayer kernel) against TransformerLens."""
+    import jax
+
+    import tinyinterp
+
+    problem = tinyinterp.attention.numba_unavailable_reason()
+    if problem is not None:
+        pytest.skip(f"numba backend unavailable: {problem}")
+    cfg = tinyinterp.TransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=50,
+                                       n_ctx=24, d_mlp=128, attn_only=attn_only,
+                                       normalization_type=norm, attention_backend="numba")
+    model = tinyinterp.HookedTransformer.from_config(cfg, seed=3)
+    leaves, tree = jax.tree.flatten(model.params)  # biases and norm weights away from 0 / 1
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    model = model.with_params(jax.tree.unflatten(
+        tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]))
+    tokens = np.random.default_rng(0).integers(0, cfg.d_vocab, size=(3, cfg.n_ctx)).astype(np.int32)
+    logits, cache = model.run_with_cache(tokens)
+    with torch.no_grad():
+        tl_logits, tl_cache = tl_model_for(model).run_with_cache(torch.tensor(tokens).long())
+    for name, ours in cache.items():
+        if name not in tl_cache.cache_dict:
+            continue
+        theirs, ours = tl_cache[name].numpy(), np.asarray(ours)
+        finite = np.isfinite(theirs)
+        assert np.array_equal(finite, np.isfinite(ours)), name
+        scale = max(1.0, float(np.abs(theirs[finite]).max(initial=0.0)))
+        np.testing.assert_allclose(ours[finite], theirs[finite], rtol=1e-4, atol=1e-5 * scale,
+                                   err_msg=name)
+    for ours in (logits, model(tokens)):
+        np.testing.assert_allclose(np.asarray(ours), tl_logits.numpy(), rtol=1e-4, atol=1e-4)
