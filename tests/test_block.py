@@ -315,12 +315,13 @@ def _check_cache_paths(cfg, tokens, params, names, edit, target):
 def _check_cache_gradients(cfg, tokens, params, names, edit, target):
     """A metric of the cached ``names`` and the loss, differentiated: the kernel ``target`` does
     not run under jax.grad (its autodiff rule is the jnp reference's), and the value and every
-    parameter gradient equal those of the run whose hooks ``edit`` force the jnp path."""
+    parameter gradient equal those of the run whose hooks ``edit`` force the jnp path. (The
+    metric's terms are all positive, so its relative rounding is that of its parts.)"""
 
     def metric(p, hooks):
         loss, cache = forward_with_cache(p, cfg, tokens, names, return_type="loss",
                                          fwd_hooks=hooks)
-        return loss + sum(jnp.sum(jnp.tanh(cache[n])) for n in names) / tokens.size
+        return loss + sum(jnp.mean(jnp.tanh(cache[n]) ** 2) for n in names)
 
     grad_kernel = jax.jit(jax.value_and_grad(lambda p: metric(p, ())))
     assert target not in grad_kernel.lower(params).compile().as_text()
