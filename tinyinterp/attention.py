@@ -579,7 +579,7 @@ def attention_out_fwd(z: jax.Array, W_O: jax.Array, b_O: jax.Array
     z [batch, pos, head, d_head], W_O [head, d_head, d_model], b_O [d_model] ->
     (result [batch, pos, head, d_model] = z_h @ W_O[h], out [batch, pos, d_model] = the sum over
     heads + b_O). No autodiff rule of its own: the model pairs it with the jnp reference
-    (model._numba_attention_out)."""
+    (model._kernel_with_reference_grad)."""
     from tinyinterp.kernels.ffi import task_address
 
     f32 = jnp.float32
@@ -607,7 +607,8 @@ def qkv_fwd(x: jax.Array, W: jax.Array, bias: jax.Array, n_heads: int
     """q, k, v [batch, pos, head_index, d_head] = x @ W + bias split three ways (Numba backend,
     kernels/block.py): x [batch, pos, d_model], W [d_model, 3 * head_index * d_head] and bias
     [3 * head_index * d_head] with q's columns first, then k's, then v's, each head-major. No
-    autodiff rule of its own: the model pairs it with the jnp reference (model._numba_qkv)."""
+    autodiff rule of its own: the model pairs it with the jnp reference
+    (model._kernel_with_reference_grad)."""
     from tinyinterp.kernels.ffi import task_address
 
     f32 = jnp.float32

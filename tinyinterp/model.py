@@ -124,8 +124,10 @@ def attention(p: dict, x: Float[Array, "batch pos d_model"], ln: dict, layer: in
                   and attn_backends.qkv_supported(cfg.n_heads, cfg.d_head))
     if qkv_kernel:
         W, b = _packed_qkv_weights(p, ln, cfg)
-        q, k, v = (hp(n, a) for n, a in zip(qkv_names, _numba_qkv(x, W, b, cfg.n_heads),
-                                            strict=True))
+        qkv = _kernel_with_reference_grad(  # kernels/block.py: qkv_fwd
+            lambda x, W, b: attn_backends.qkv_fwd(x, W, b, cfg.n_heads),
+            lambda x, W, b: _qkv_reference(x, W, b, cfg.n_heads))(x, W, b)
+        q, k, v = (hp(n, a) for n, a in zip(qkv_names, qkv, strict=True))
         return _attention_from_qkv(p, q, k, v, name, hp, backend, scale)
     if not packed:
         x = apply_affine(x, ln, cfg)
@@ -194,7 +196,8 @@ def _attention_out(p: dict, z: Float[Array, "batch pos head d_head"], name: str,
             and z.dtype == W_O.dtype == b_O.dtype == jnp.float32
             and attn_backends.attention_out_supported(W_O.shape[-1])):
         # hook_result is read, not edited: one kernel writes it and the summed output
-        result, out = _numba_attention_out(z, W_O, b_O)
+        result, out = _kernel_with_reference_grad(  # kernels/block.py: attention_out_fwd
+            attn_backends.attention_out_fwd, _attention_out_parts)(z, W_O, b_O)
         hp(r_name, result)
         return out
     result = hp(r_name, per_head_result(z, W_O))
@@ -223,16 +226,14 @@ def _attention_out_parts(z: Float[Array, "batch pos head d_head"],
     return per_head_result(z, W_O), _summed_out(z, W_O, b_O)
 
 
-@jax.custom_vjp
-def _numba_attention_out(z, W_O, b_O):
-    """_attention_out_parts by one Numba kernel (kernels/block.py: attention_out_fwd). Its
-    autodiff rule is the jnp reference's: under ``jax.grad`` the forward runs in jnp, so the
-    gradients are exactly those of the reference path."""
-    return attn_backends.attention_out_fwd(z, W_O, b_O)
-
-
-_numba_attention_out.defvjp(lambda *args: jax.vjp(_attention_out_parts, *args),
-                            lambda vjp, ct: vjp(ct))
+def _kernel_with_reference_grad(kernel: Callable, reference: Callable) -> Callable:
+    """``kernel``'s values with ``reference``'s autodiff rule (both take the same differentiable
+    arguments and compute the same function): under ``jax.grad`` the forward runs ``reference``,
+    saving what its backward needs, and the backward is its vjp; so the kernel runs only in
+    forwards nobody differentiates, and gradients are exactly the reference path's."""
+    fn = jax.custom_vjp(kernel)
+    fn.defvjp(lambda *args: jax.vjp(reference, *args), lambda vjp, ct: vjp(ct))
+    return fn
 
 
 def _qkv_reference(x: Float[Array, "batch pos d_model"], W: Float[Array, "d_model n_qkv"],
@@ -242,17 +243,6 @@ def _qkv_reference(x: Float[Array, "batch pos d_model"], W: Float[Array, "d_mode
     n_batch, n_pos, d_model = x.shape
     qkv = (x.reshape(n_batch * n_pos, d_model) @ W + b[None]).reshape(n_batch, n_pos, 3, n_heads, -1)
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _numba_qkv(x, W, b, n_heads):
-    """_qkv_reference by one Numba kernel (kernels/block.py: qkv_fwd). Its autodiff rule is the
-    jnp reference's, so gradients are exactly the reference path's."""
-    return attn_backends.qkv_fwd(x, W, b, n_heads)
-
-
-_numba_qkv.defvjp(lambda x, W, b, n_heads: jax.vjp(
-    lambda *a: _qkv_reference(*a, n_heads), x, W, b), lambda n_heads, vjp, ct: vjp(ct))
 
 
 def _project_packed(x2: Float[Array, "batch_pos d_model_plus_1"], p: dict, ln: dict,
@@ -395,10 +385,8 @@ def _fused_sublayer_ok(resid: jax.Array, layer: int, cfg: TransformerConfig, hp:
 
 def _fused_attention_sublayer(p: dict, resid: Float[Array, "batch pos d_model"], layer: int,
                               cfg: TransformerConfig) -> Float[Array, "batch pos d_model"]:
-    """resid + the attention sublayer, by one fused kernel (kernels/block.py). Its autodiff rule
-    is the unfused path's (``_attention_sublayer``): under ``jax.grad`` the forward runs unfused,
-    saving what the backward needs, and the backward is the unfused one; so only runs that are
-    not differentiated take the kernel, and gradients are exactly those of the unfused path."""
+    """resid + the attention sublayer, by one fused kernel (kernels/block.py), with the unfused
+    path's (``_attention_sublayer``) autodiff rule."""
 
     def fused(p_attn, ln, x):
         W, bias = _packed_qkv_weights(p_attn, ln, cfg)
@@ -410,9 +398,7 @@ def _fused_attention_sublayer(p: dict, resid: Float[Array, "batch pos d_model"],
         return x + _attention_sublayer({"attn": p_attn, "ln1": ln}, x, layer, cfg, HookContext(),
                                        "numba")
 
-    run_fused = jax.custom_vjp(fused)
-    run_fused.defvjp(lambda *args: jax.vjp(unfused, *args), lambda vjp, ct: vjp(ct))
-    return run_fused(p["attn"], p.get("ln1", {}), resid)
+    return _kernel_with_reference_grad(fused, unfused)(p["attn"], p.get("ln1", {}), resid)
 
 
 def unembed(params: Params, resid: Float[Array, "batch pos d_model"], cfg: TransformerConfig,
