@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinyinterp.attention import causal_attention, numba_unavailable_reason
+from tinyinterp.fast import numba_unavailable_reason
+from tinyinterp.fast.attention import causal_attention
 
 
 def measured_core_peak_gflops(seconds: float = 0.3) -> float:

@@ -115,7 +115,7 @@ def main() -> None:
         mib = sum(4 * math.prod(s) for s in shapes) / 2**20
         _, t_floor, floor = paired_ms(plain, fill_like(cfg, shapes), model.params, tokens,
                                       repeats=args.repeats)
-        resolved = tinyinterp.attention.resolve_backend(backend)
+        resolved = tinyinterp.fast.resolve_backend(backend)
         unfused_line = ""
         if resolved == "numba":
             hooks = [(f"blocks.{i}.attn.hook_z", lambda x, *, name: x) for i in range(cfg.n_layers)]

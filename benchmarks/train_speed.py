@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     backends = []
     for backend in args.backends.split(","):
         if backend == "numba":
-            from tinyinterp.attention import numba_unavailable_reason
+            from tinyinterp.fast import numba_unavailable_reason
 
             problem = numba_unavailable_reason()
             if problem is not None:

@@ -31,7 +31,7 @@ def pytest_sessionstart(session):
     if os.environ.get("TINYINTERP_REQUIRE_NUMBA") == "1":
         import pytest
 
-        from tinyinterp.attention import numba_unavailable_reason
+        from tinyinterp.fast import numba_unavailable_reason
 
         reason = numba_unavailable_reason()
         if reason is not None:

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinyinterp import attention as attn
-from tinyinterp.attention import (
+from tinyinterp.fast import attention as attn
+from tinyinterp.fast.attention import (
     apply_pattern,
     attention_pattern,
     attention_scores,
@@ -141,7 +141,7 @@ def test_results_do_not_depend_on_thread_count(shape):
     n_batch, n_pos, n_heads, _ = shape
     q, k, v, ct = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
     scale = np.float32(1 / np.sqrt(shape[-1]))
-    z_xla, lse_xla = attn._ffi(attn._FWD_TARGET, attn._fwd_outputs(*shape, False, False))(
+    z_xla, lse_xla = attn.ffi.call(attn.ffi.ATTENTION_FWD, attn._fwd_outputs(*shape, False, False))(
         q, k, v, scale=scale)[:2]
     grads_xla = attn._bwd_call(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), z_xla, lse_xla,
                                jnp.asarray(ct), scale)

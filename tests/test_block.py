@@ -19,7 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinyinterp import TransformerConfig, attention
+from tinyinterp import TransformerConfig
+from tinyinterp.fast import attention
+from tinyinterp.fast.plan import MIN_FUSED_BATCH
 from tinyinterp.model import HookedTransformer, forward, forward_with_cache
 
 NUMBA_PROBLEM = attention.numba_unavailable_reason()
@@ -210,7 +212,7 @@ def test_gradients_are_the_unfused_paths(case):
 @needs_numba
 def test_vmap_over_models_and_small_batches():
     """vmap over two parameter sets runs the kernel once per set (its weights differ); a batch
-    below attention._BLOCK_MIN_BATCH, or a d_model that is not whole vectors, takes the unfused
+    below MIN_FUSED_BATCH, or a d_model that is not whole vectors, takes the unfused
     path. All agree with the unfused forward."""
     cfg = TransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_vocab=11, n_ctx=9,
                             attn_only=True, attention_backend="numba")
@@ -224,7 +226,7 @@ def test_vmap_over_models_and_small_batches():
         p = jax.tree.map(lambda x, i=i: x[i], stacked)
         want = jax.jit(lambda p: forward(p, cfg, tokens, fwd_hooks=_unfused_hooks(cfg)))(p)
         np.testing.assert_allclose(got[i], np.asarray(want), rtol=2e-5, atol=2e-5)
-    small = tokens[:attention._BLOCK_MIN_BATCH - 1]
+    small = tokens[:MIN_FUSED_BATCH - 1]
     assert not _runs_kernel(lambda p: forward(p, cfg, small), _perturbed_params(cfg, 1))
     odd = dataclasses.replace(cfg, d_model=24, d_head=12)
     assert not _runs_kernel(lambda p: forward(p, odd, tokens), _perturbed_params(odd, 1))

@@ -1,4 +1,4 @@
-"""tinyinterp.memory: glibc malloc settings applied at import, with an opt-out."""
+"""tinyinterp.memory: glibc malloc settings, applied only when asked (tune_malloc), with an opt-out."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 
 from tinyinterp import memory
 
-CHECK = "import tinyinterp, tinyinterp.memory as m; print(m._applied)"
+CHECK = ("import tinyinterp, tinyinterp.memory as m; tinyinterp.HookedTransformer; "
+         "before = m._applied; m.tune_malloc(); print(before, m._applied)")
 
 
 def _applied_in_fresh_process(**env: str) -> str:
@@ -23,11 +24,11 @@ def _applied_in_fresh_process(**env: str) -> str:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings: Linux only")
-def test_applied_at_import_unless_opted_out():
+def test_applied_only_when_asked_unless_opted_out():
     glibc = memory.keep_freed_memory()  # False with another C library: then nothing is applied
-    assert _applied_in_fresh_process() == str(glibc)
-    assert _applied_in_fresh_process(TINYINTERP_MALLOC="default") == "False"
-    assert _applied_in_fresh_process(MALLOC_TRIM_THRESHOLD_="131072") == "False"  # glibc's own wins
+    assert _applied_in_fresh_process() == f"None {glibc}"  # importing changes nothing
+    assert _applied_in_fresh_process(TINYINTERP_MALLOC="default") == "None False"
+    assert _applied_in_fresh_process(MALLOC_TRIM_THRESHOLD_="131072") == "None False"  # glibc's own wins
 
 
 def test_other_platforms_are_left_alone(monkeypatch):

@@ -69,7 +69,7 @@ def test_numba_paths_match_transformer_lens(norm, attn_only):
 
     import tinyinterp
 
-    problem = tinyinterp.attention.numba_unavailable_reason()
+    problem = tinyinterp.fast.numba_unavailable_reason()
     if problem is not None:
         pytest.skip(f"numba backend unavailable: {problem}")
     cfg = tinyinterp.TransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=50,

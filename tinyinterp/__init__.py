@@ -6,54 +6,27 @@
     model = tinyinterp.HookedTransformer.from_config(cfg, seed=0)
     logits, cache = model.run_with_cache(tokens)
 
-Submodules (``tinyinterp.circuits``, ``.detectors``, ``.train``, ``.tasks``, ``.superposition``,
-``.sae``, ``.plotting``, ``.testing`` ...) are imported on first use.
+Everything is imported on first use (``tinyinterp.HookedTransformer``, ``tinyinterp.circuits``, ...),
+so ``import tinyinterp.kernels.attention`` needs neither JAX nor the rest of the package, and
+``import tinyinterp`` changes nothing in the process (see ``tinyinterp.memory.tune_malloc`` for the
+one setting the command line and the benchmarks make explicitly).
 """
 
 import importlib
-import os as _os
 
-# kernels/ lives at the top of the repository and is installed as tinyinterp/kernels. When this
-# package is imported from a source checkout (e.g. `python -m pytest` in the repo puts the repo on
-# sys.path ahead of the installed copy), let tinyinterp.kernels resolve to the top-level folder.
-_here = _os.path.dirname(__file__)
-if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
-        _os.path.join(_here, _os.pardir, "kernels", "attention.py")):
-    __path__.append(_os.path.normpath(_os.path.join(_here, _os.pardir)))
-
-from tinyinterp import memory as _memory  # noqa: E402
-
-_memory.apply_default()  # glibc: keep freed buffers for reuse (see tinyinterp/memory.py)
-
-from tinyinterp import interop  # noqa: E402
-from tinyinterp.cache import ActivationCache  # noqa: E402
-from tinyinterp.config import TransformerConfig  # noqa: E402
-from tinyinterp.hooks import get_act_name, hook_names  # noqa: E402
-from tinyinterp.model import HookedTransformer, lm_cross_entropy_loss  # noqa: E402
-from tinyinterp.params import flatten_params, init_params, unflatten_params  # noqa: E402
-
-_SUBMODULES = ("attention", "checkpoint", "circuits", "cli", "detectors", "plotting", "reproduce",
-               "sae", "superposition", "tasks", "testing", "train")
+_SUBMODULES = ("cache", "checkpoint", "circuits", "cli", "config", "detectors", "fast", "hooks",
+               "interop", "kernels", "memory", "model", "params", "plotting", "reproduce", "sae",
+               "superposition", "tasks", "testing", "train")
 # name -> module it lives in, imported on first access
 _LAZY = {
+    "ActivationCache": "cache", "TransformerConfig": "config", "HookedTransformer": "model",
+    "lm_cross_entropy_loss": "model", "get_act_name": "hooks", "hook_names": "hooks",
+    "flatten_params": "params", "init_params": "params", "unflatten_params": "params",
     "TrainConfig": "train", "get_task": "tasks", "FactoredMatrix": "circuits",
-    "causal_attention": "attention", "load_model": "checkpoint", "save_model": "checkpoint",
+    "load_model": "checkpoint", "save_model": "checkpoint",
 }
 
-__all__ = [
-    "ActivationCache",
-    "HookedTransformer",
-    "TransformerConfig",
-    "flatten_params",
-    "get_act_name",
-    "hook_names",
-    "init_params",
-    "interop",
-    "lm_cross_entropy_loss",
-    "unflatten_params",
-    *_LAZY,
-    *_SUBMODULES,
-]
+__all__ = [*_LAZY, *_SUBMODULES]
 __version__ = "0.1.0"
 
 
@@ -63,3 +36,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(f"tinyinterp.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'tinyinterp' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

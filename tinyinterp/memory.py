@@ -11,9 +11,11 @@ reference model took 3.1x a plain forward with the defaults and 1.7x with these 
 ``keep_freed_memory()`` sets ``M_MMAP_THRESHOLD`` (allocations below it come from the heap and
 are reused) and ``M_TRIM_THRESHOLD`` (freed memory at the top of the heap is kept up to this
 size). The cost: memory a process has used stays reserved for it until it exits, as with JAX's
-own GPU allocator. ``import tinyinterp`` calls it once, on Linux with glibc only, unless the
-environment variable ``TINYINTERP_MALLOC=default`` is set; glibc's own ``MALLOC_MMAP_THRESHOLD_``
-and ``MALLOC_TRIM_THRESHOLD_`` variables, if set, are left to win.
+own GPU allocator. Nothing is changed at import: the ``tinyinterp`` command and the benchmarks
+call ``tune_malloc()`` once at start (on Linux with glibc only, unless the environment variable
+``TINYINTERP_MALLOC=default`` is set; glibc's own ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` variables, if set, are left to win). A library user who wants the same
+speed calls ``tinyinterp.memory.tune_malloc()`` once, early in the program.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 <
         mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
 
-def apply_default() -> bool:
-    """What ``import tinyinterp`` does: ``keep_freed_memory()`` unless TINYINTERP_MALLOC=default
-    or glibc's own variables are set. Runs once per process; returns whether the settings are on."""
+def tune_malloc() -> bool:
+    """``keep_freed_memory()`` unless TINYINTERP_MALLOC=default or glibc's own variables are set.
+    Runs once per process (later calls return the first answer); returns whether the settings
+    are on. The command line and the benchmarks call it; ``import tinyinterp`` does not."""
     global _applied
     if _applied is None:
         skip = (os.environ.get("TINYINTERP_MALLOC", "").lower() == "default"

@@ -325,7 +325,7 @@ def run(out_dir: str | os.PathLike = "induction-heads", *, seed: int = 0, quick:
     train_batch = task.sample(jax.random.fold_in(eval_key, 1), 256)
     train_dist = task.loss_metrics(model(train_batch["tokens"], return_type="loss",
                                     loss_per_token=True), train_batch)
-    from tinyinterp.attention import resolve_backend
+    from tinyinterp.fast import resolve_backend
 
     report: dict[str, Any] = {
         "what": "induction heads on repeated random tokens (Olsson et al. 2022)",

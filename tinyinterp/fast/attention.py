@@ -34,11 +34,8 @@ to XLA with one warning that says why.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
-import os
-import re
 import threading
 import warnings
 
@@ -46,91 +43,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BACKENDS = ("auto", "numba", "xla")
+from tinyinterp.config import ATTENTION_BACKENDS as BACKENDS
+from tinyinterp.fast import ffi
 
-# What kernels/ffi.py's struct offsets were read from (jaxlib's xla/ffi/api/c_api.h).
-_TESTED_JAXLIB = ("0.10.2",)
-_FFI_API_VERSION = (0, 3)
-_FWD_TARGET = "tinyinterp_attention_fwd"  # z, lse, and scores / pattern if not empty
-_BWD_TARGET = "tinyinterp_attention_bwd"
-_FWD_QKV_TARGET = "tinyinterp_attention_fwd_qkv"
-_BWD_QKV_TARGET = "tinyinterp_attention_bwd_qkv"
-
-
-def _ffi_version_problem() -> str | None:
-    """Why the call-frame layout may not match this jaxlib, or None. Cheap: runs at import."""
-    import jaxlib
-
-    version = getattr(jaxlib, "__version__", None) or jax.lib.__version__
-    if version not in _TESTED_JAXLIB:
-        return (f"jaxlib {version} is not a tested version {_TESTED_JAXLIB}; the XLA FFI call-frame "
-                "layout used by the Numba handlers may differ")
-    header = os.path.join(jax.ffi.include_dir(), "xla", "ffi", "api", "c_api.h")
-    if os.path.exists(header):
-        with open(header) as f:
-            text = f.read()
-        major = re.search(r"#define XLA_FFI_API_MAJOR (\d+)", text)
-        minor = re.search(r"#define XLA_FFI_API_MINOR (\d+)", text)
-        found = (int(major.group(1)), int(minor.group(1))) if major and minor else None
-        if found != _FFI_API_VERSION:
-            return f"XLA FFI API version {found} != {_FFI_API_VERSION} that the handlers implement"
-    return None
-
-
-_VERSION_PROBLEM = _ffi_version_problem()
 _lock = threading.Lock()
 _numba_problem: str | None = None  # why the numba backend is unavailable, once checked
 _numba_checked = False
 _warned = False
 
 
-def _capsule(address: int):
-    """A PyCapsule holding a C function pointer, as jax.ffi.register_ffi_target expects."""
-    new = ctypes.pythonapi.PyCapsule_New
-    new.restype = ctypes.py_object
-    new.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
-    return new(address, None, None)
-
-
-_registered: set[str] = set()
-_register_lock = threading.Lock()
-
-
-def _ensure_target(name: str) -> str:
-    """Register an FFI target with XLA the first time it is used (its handler is compiled, or
-    loaded from Numba's cache, then): a run pays only for the kernels it calls."""
-    if name not in _registered:
-        with _register_lock:
-            if name not in _registered:
-                from tinyinterp.kernels.ffi import handler
-
-                jax.ffi.register_ffi_target(name, _capsule(handler(name).address), platform="cpu",
-                                            api_version=1)
-                _registered.add(name)
-    return name
-
-
-def _ffi(target: str, out):
-    """jax.ffi.ffi_call of a Numba target (registered on first use), with the address of the
-    target's task as the attribute ``task`` (the handler runs it on XLA's thread pool; see
-    kernels/ffi.py). vmap_method="broadcast_all": see the note above the calls below."""
-    from tinyinterp.kernels.ffi import task_address
-
-    call = jax.ffi.ffi_call(_ensure_target(target), out, vmap_method="broadcast_all")
-    task = np.int64(task_address(target))
-    return lambda *args, **attrs: call(*args, task=task, **attrs)
-
-
 def _register_and_probe() -> str | None:
     """Register the FFI targets and compare one tiny call with the XLA spec. None means OK."""
-    if _VERSION_PROBLEM is not None:
-        return _VERSION_PROBLEM
+    if (problem := ffi.version_problem()) is not None:
+        return problem
     if jax.default_backend() != "cpu":
         return f"the Numba kernels run on CPU only; the default JAX platform is {jax.default_backend()!r}"
     try:
         # The probe uses the packed target, the one a model without hooks on q, k, v runs (and
         # trains) with, so a first run compiles no kernel entry it does not need.
-        _ensure_target(_FWD_QKV_TARGET)  # compiles or loads the handler and its kernel
+        ffi.ensure_registered(ffi.ATTENTION_FWD_PACKED)  # compiles or loads the handler and its kernel
         x = np.linspace(-1.0, 1.0, 2 * 3 * 3 * 2 * 5, dtype=np.float32).reshape(2, 3, 3, 2, 5)
         x[:, :, 1] = x[:, ::-1, 1]
         x[:, :, 2] = np.cos(x[:, :, 2])
@@ -255,7 +186,7 @@ def _fwd_outputs(n_batch, n_pos, n_heads, d_head, want_scores, want_pattern):
 
 def _bwd_call(q, k, v, z, lse, dz, scale):
     out = tuple(jax.ShapeDtypeStruct(q.shape, jnp.float32) for _ in range(3))  # dq, dk, dv
-    return _ffi(_BWD_TARGET, out)(
+    return ffi.call(ffi.ATTENTION_BWD, out)(
         q, k, v, z, lse, dz, scale=np.float32(scale))
 
 
@@ -267,7 +198,7 @@ def _bwd_call(q, k, v, z, lse, dz, scale):
 
 def _fwd_pattern_call(q, k, v, scale, want_scores, want_pattern):
     out = _fwd_outputs(*q.shape, want_scores, want_pattern)
-    return _ffi(_FWD_TARGET, out)(q, k, v, scale=np.float32(scale))
+    return ffi.call(ffi.ATTENTION_FWD, out)(q, k, v, scale=np.float32(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -330,7 +261,7 @@ _numba_attention_pattern.defvjp(_numba_attention_pattern_fwd, _numba_attention_p
 def _fwd_qkv_call(qkv, scale, want_scores, want_pattern):
     n_batch, n_pos, _, n_heads, d_head = qkv.shape
     out = _fwd_outputs(n_batch, n_pos, n_heads, d_head, want_scores, want_pattern)
-    return _ffi(_FWD_QKV_TARGET, out)(qkv, scale=np.float32(scale))
+    return ffi.call(ffi.ATTENTION_FWD_PACKED, out)(qkv, scale=np.float32(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -349,7 +280,7 @@ def _numba_attention_qkv_bwd(scale, want_scores, want_pattern, residuals, cts):
     qkv, z, lse, pattern = residuals
     dz, dscores, dpattern = cts
     dz = jnp.zeros_like(z) if _is_zero(dz) else dz.astype(jnp.float32)
-    dqkv = _ffi(_BWD_QKV_TARGET, jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(
+    dqkv = ffi.call(ffi.ATTENTION_BWD_PACKED, jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(
         qkv, z, lse, dz, scale=np.float32(scale))
     ds = _cached_dscores(pattern, dscores, dpattern, want_scores, want_pattern)
     if ds is not None:
@@ -368,7 +299,7 @@ _numba_attention_qkv.defvjp(_numba_attention_qkv_fwd, _numba_attention_qkv_bwd,
 def _scores_call(q, k, scale):
     n_batch, n_pos, n_heads, _ = q.shape
     out = jax.ShapeDtypeStruct((n_batch, n_heads, n_pos, n_pos), jnp.float32)  # [b, h, q, k]
-    return _ffi("tinyinterp_scores_fwd", out)(
+    return ffi.call(ffi.SCORES_FWD, out)(
         q, k, scale=np.float32(scale))
 
 
@@ -384,7 +315,7 @@ def _numba_scores_fwd(q, k, scale):
 def _numba_scores_bwd(scale, residuals, dscores):
     q, k = residuals
     out = tuple(jax.ShapeDtypeStruct(q.shape, jnp.float32) for _ in range(2))  # dq, dk
-    return _ffi("tinyinterp_scores_bwd", out)(
+    return ffi.call(ffi.SCORES_BWD, out)(
         q, k, dscores.astype(jnp.float32), scale=np.float32(scale))
 
 
@@ -393,7 +324,7 @@ _numba_scores.defvjp(_numba_scores_fwd, _numba_scores_bwd)
 
 def _apply_call(pattern, v):
     out = jax.ShapeDtypeStruct(v.shape, jnp.float32)  # z [b, pos, h, d]
-    return _ffi("tinyinterp_apply_fwd", out)(pattern, v)
+    return ffi.call(ffi.APPLY_FWD, out)(pattern, v)
 
 
 @jax.custom_vjp
@@ -409,7 +340,7 @@ def _numba_apply_bwd(residuals, dz):
     pattern, v = residuals
     out = (jax.ShapeDtypeStruct(pattern.shape, jnp.float32),  # dpattern [b, h, q, k]
            jax.ShapeDtypeStruct(v.shape, jnp.float32))  # dv [b, pos, h, d]
-    return _ffi("tinyinterp_apply_bwd", out)(
+    return ffi.call(ffi.APPLY_BWD, out)(
         pattern, v, dz.astype(jnp.float32))
 
 
@@ -434,12 +365,11 @@ def attention_scores(q: jax.Array, k: jax.Array, *, backend: str = "xla",
 
 
 def attention_pattern(scores: jax.Array) -> jax.Array:
-    """Numerically stable softmax over key_pos. A fully masked row (all -inf) gives zeros, not NaN."""
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    e = jnp.exp(scores - jax.lax.stop_gradient(row_max))
-    denom = jnp.sum(e, axis=-1, keepdims=True)
-    return e / jnp.where(denom > 0, denom, 1.0)
+    """Numerically stable softmax over key_pos (the model's ``softmax_pattern``). A fully masked
+    row (all -inf) gives zeros, not NaN."""
+    from tinyinterp.model import softmax_pattern
+
+    return softmax_pattern(scores)
 
 
 def apply_pattern(pattern: jax.Array, v: jax.Array, *, backend: str = "xla") -> jax.Array:
@@ -529,21 +459,7 @@ def packed_causal_attention(qkv: jax.Array, *, backend: str = "xla", scale: floa
     return _xla_causal_attention(q, k, v, s), None, None
 
 
-# ---- the fused attention sublayer (kernels/block.py) ------------------------------------------
-
-_BLOCK_TARGET = "tinyinterp_attention_block_fwd"
-# Fewer batch rows than this: the unfused kernels, whose work items are (row, head) slices, keep
-# two threads busy where the fused kernel would run on one. Measured (2 layers, d_model 64, 4
-# heads of 16; unfused / fused forward time): at pos 64, 1.33 / 1.14 / 1.14 / 1.34x for batch
-# 1 / 2 / 4 / 8; at pos 256, 0.97 / 1.30 / 1.41 / 1.24x.
-_BLOCK_MIN_BATCH = 2
-
-
-def attention_block_supported(n_batch: int, d_model: int, n_heads: int, d_head: int) -> bool:
-    """Shapes the fused sublayer kernel takes: d_model and head_index * d_head whole 16-float
-    vectors, and at least two batch rows (its work items) for the two threads."""
-    return (d_model % 16 == 0 and (n_heads * d_head) % 16 == 0
-            and n_batch >= _BLOCK_MIN_BATCH)
+# ---- the fused attention sublayer and the cache kernels (kernels/block.py) ----------------------
 
 
 def attention_block_fwd(resid: jax.Array, W: jax.Array, bias: jax.Array, W_O: jax.Array,
@@ -553,24 +469,15 @@ def attention_block_fwd(resid: jax.Array, W: jax.Array, bias: jax.Array, W_O: ja
     sublayer's output. W [d_model, 3 * head * d_head] and bias [3 * head * d_head] project the
     normalized residual (the norm's weight and bias folded in) to q, k, v, packed head-major;
     W_O [head, d_head, d_model], b_O [d_model]; ``norm`` a normalization_type. No autodiff rule
-    of its own: the model pairs it with the unfused path (model._fused_attention_sublayer)."""
+    of its own: tinyinterp.fast.sublayer pairs it with the plain sublayer."""
     from tinyinterp.kernels.block import NORMS
-    from tinyinterp.kernels.ffi import task_address
 
     f32 = jnp.float32
-    call = jax.ffi.ffi_call(_ensure_target(_BLOCK_TARGET), jax.ShapeDtypeStruct(resid.shape, f32),
-                            vmap_method="sequential")  # weights may be vmapped too: one call each
     consts = jnp.asarray([scale, eps, NORMS.index(norm)], f32)
-    return call(resid.astype(f32), W.astype(f32), bias.astype(f32), W_O.astype(f32),
-                b_O.astype(f32), consts, task=np.int64(task_address(_BLOCK_TARGET)))
-
-
-_OUT_TARGET = "tinyinterp_attention_out_fwd"
-
-
-def attention_out_supported(d_model: int) -> bool:
-    """Shapes attention_out_fwd takes: d_model a whole number of 16-float vectors."""
-    return d_model % 16 == 0
+    return ffi.call(ffi.SUBLAYER_FWD, jax.ShapeDtypeStruct(resid.shape, f32),
+                    vmap_method="sequential")(  # the weights may be vmapped too: one call each
+        resid.astype(f32), W.astype(f32), bias.astype(f32), W_O.astype(f32), b_O.astype(f32),
+        consts)
 
 
 def attention_out_fwd(z: jax.Array, W_O: jax.Array, b_O: jax.Array
@@ -578,28 +485,15 @@ def attention_out_fwd(z: jax.Array, W_O: jax.Array, b_O: jax.Array
     """The attention output with every head's result (Numba backend, kernels/block.py):
     z [batch, pos, head, d_head], W_O [head, d_head, d_model], b_O [d_model] ->
     (result [batch, pos, head, d_model] = z_h @ W_O[h], out [batch, pos, d_model] = the sum over
-    heads + b_O). No autodiff rule of its own: the model pairs it with the jnp reference
-    (model._kernel_with_reference_grad)."""
-    from tinyinterp.kernels.ffi import task_address
-
+    heads + b_O). No autodiff rule of its own: tinyinterp.fast.sublayer pairs it with the jnp
+    reference."""
     f32 = jnp.float32
     n_batch, n_pos, n_heads, _ = z.shape
     d_model = W_O.shape[-1]
-    call = jax.ffi.ffi_call(
-        _ensure_target(_OUT_TARGET),
-        (jax.ShapeDtypeStruct((n_batch, n_pos, n_heads, d_model), f32),
-         jax.ShapeDtypeStruct((n_batch, n_pos, d_model), f32)),
-        vmap_method="sequential")  # W_O may be vmapped too: one call each
-    return call(z.astype(f32), W_O.astype(f32), b_O.astype(f32),
-                task=np.int64(task_address(_OUT_TARGET)))
-
-
-_QKV_TARGET = "tinyinterp_qkv_fwd"
-
-
-def qkv_supported(n_heads: int, d_head: int) -> bool:
-    """Shapes qkv_fwd takes: head_index * d_head a whole number of 16-float vectors."""
-    return (n_heads * d_head) % 16 == 0
+    out = (jax.ShapeDtypeStruct((n_batch, n_pos, n_heads, d_model), f32),
+           jax.ShapeDtypeStruct((n_batch, n_pos, d_model), f32))
+    return ffi.call(ffi.ATTENTION_OUT_FWD, out, vmap_method="sequential")(
+        z.astype(f32), W_O.astype(f32), b_O.astype(f32))
 
 
 def qkv_fwd(x: jax.Array, W: jax.Array, bias: jax.Array, n_heads: int
@@ -607,15 +501,10 @@ def qkv_fwd(x: jax.Array, W: jax.Array, bias: jax.Array, n_heads: int
     """q, k, v [batch, pos, head_index, d_head] = x @ W + bias split three ways (Numba backend,
     kernels/block.py): x [batch, pos, d_model], W [d_model, 3 * head_index * d_head] and bias
     [3 * head_index * d_head] with q's columns first, then k's, then v's, each head-major. No
-    autodiff rule of its own: the model pairs it with the jnp reference
-    (model._kernel_with_reference_grad)."""
-    from tinyinterp.kernels.ffi import task_address
-
+    autodiff rule of its own: tinyinterp.fast.sublayer pairs it with the jnp reference."""
     f32 = jnp.float32
     n_batch, n_pos, _ = x.shape
     d_head = W.shape[1] // (3 * n_heads)
     shape = jax.ShapeDtypeStruct((n_batch, n_pos, n_heads, d_head), f32)
-    call = jax.ffi.ffi_call(_ensure_target(_QKV_TARGET), (shape, shape, shape),
-                            vmap_method="sequential")  # W may be vmapped too: one call each
-    return call(x.astype(f32), W.astype(f32), bias.astype(f32),
-                task=np.int64(task_address(_QKV_TARGET)))
+    return ffi.call(ffi.QKV_FWD, (shape, shape, shape), vmap_method="sequential")(
+        x.astype(f32), W.astype(f32), bias.astype(f32))

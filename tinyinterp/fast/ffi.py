@@ -1,0 +1,107 @@
+"""The JAX side of the Numba binding: the version gate, registration and one ``call`` helper.
+
+The Numba ``@cfunc`` handlers live in ``kernels/ffi.py`` (no JAX there). Each FFI target is
+registered with ``jax.ffi.register_ffi_target`` on its first use, so a run compiles (or loads from
+Numba's cache) only the kernels it calls. Registering targets with XLA is the one process-wide
+effect of this package: XLA's registry cannot forget a target, so it lasts for the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import threading
+
+import jax
+import numpy as np
+
+# The jaxlib releases whose xla/ffi/api/c_api.h kernels/ffi.py's call-frame offsets were checked
+# against (identical from 0.10.2 through 0.12.1). Outside this range the run-time probe still
+# decides, but the backend falls back to XLA with a warning rather than guess a layout.
+TESTED_JAXLIB = ((0, 10, 2), (0, 12, 1))
+FFI_API_VERSION = (0, 3)
+
+# The FFI targets, by what they compute (the names kernels/ffi.py registers handlers under).
+ATTENTION_FWD = "tinyinterp_attention_fwd"  # z, lse, and scores / pattern if not empty
+ATTENTION_BWD = "tinyinterp_attention_bwd"
+ATTENTION_FWD_PACKED = "tinyinterp_attention_fwd_qkv"
+ATTENTION_BWD_PACKED = "tinyinterp_attention_bwd_qkv"
+SCORES_FWD = "tinyinterp_scores_fwd"
+SCORES_BWD = "tinyinterp_scores_bwd"
+APPLY_FWD = "tinyinterp_apply_fwd"
+APPLY_BWD = "tinyinterp_apply_bwd"
+SUBLAYER_FWD = "tinyinterp_attention_block_fwd"
+ATTENTION_OUT_FWD = "tinyinterp_attention_out_fwd"
+QKV_FWD = "tinyinterp_qkv_fwd"
+TARGETS = (ATTENTION_FWD, ATTENTION_BWD, ATTENTION_FWD_PACKED, ATTENTION_BWD_PACKED, SCORES_FWD,
+           SCORES_BWD, APPLY_FWD, APPLY_BWD, SUBLAYER_FWD, ATTENTION_OUT_FWD, QKV_FWD)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+
+
+def version_problem() -> str | None:
+    """Why the call-frame layout may not match this jaxlib, or None. Cheap (no compilation)."""
+    import jaxlib
+
+    version = getattr(jaxlib, "__version__", None) or jax.lib.__version__
+    lo, hi = TESTED_JAXLIB
+    if not lo <= _version_tuple(version) <= hi:
+        return (f"jaxlib {version} is outside the tested range {'.'.join(map(str, lo))} to "
+                f"{'.'.join(map(str, hi))}; the XLA FFI call-frame layout the Numba handlers read "
+                "may differ")
+    header = os.path.join(jax.ffi.include_dir(), "xla", "ffi", "api", "c_api.h")
+    if os.path.exists(header):
+        with open(header) as f:
+            text = f.read()
+        major = re.search(r"#define XLA_FFI_API_MAJOR (\d+)", text)
+        minor = re.search(r"#define XLA_FFI_API_MINOR (\d+)", text)
+        found = (int(major.group(1)), int(minor.group(1))) if major and minor else None
+        if found != FFI_API_VERSION:
+            return f"XLA FFI API version {found} != {FFI_API_VERSION} that the handlers implement"
+    return None
+
+
+def _capsule(address: int):
+    """A PyCapsule holding a C function pointer, as jax.ffi.register_ffi_target expects."""
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype = ctypes.py_object
+    new.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
+    return new(address, None, None)
+
+
+_registered: set[str] = set()
+_register_lock = threading.Lock()
+
+
+def ensure_registered(target: str) -> str:
+    """Register an FFI target with XLA the first time it is used (its handler is compiled, or
+    loaded from Numba's cache, then)."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown FFI target {target!r}; known: {TARGETS}")
+    if target not in _registered:
+        with _register_lock:
+            if target not in _registered:
+                from tinyinterp.kernels.ffi import handler
+
+                jax.ffi.register_ffi_target(target, _capsule(handler(target).address),
+                                            platform="cpu", api_version=1)
+                _registered.add(target)
+    return target
+
+
+def call(target: str, out, *, vmap_method: str = "broadcast_all"):
+    """``jax.ffi.ffi_call`` of a Numba target (registered on first use), passing the address of
+    the target's task as the attribute ``task`` (the handler runs it on XLA's thread pool; see
+    kernels/ffi.py). ``out``: a ShapeDtypeStruct or a tuple of them.
+
+    vmap_method "broadcast_all" suits the attention kernels, whose handlers fold every leading
+    dimension into the batch (one launch for a vmapped call); kernels that also take weights, which
+    may be vmapped too, use "sequential" (one call per vmapped element)."""
+    from tinyinterp.kernels.ffi import task_address
+
+    fn = jax.ffi.ffi_call(ensure_registered(target), out, vmap_method=vmap_method)
+    task = np.int64(task_address(target))
+    return lambda *args, **attrs: fn(*args, task=task, **attrs)
