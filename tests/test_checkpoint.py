@@ -55,8 +55,8 @@ def opt_and_state(params, steps=2):
 def test_model_round_trip(tmp_path_factory, seed, cfg):
     path = tmp_path_factory.mktemp("m") / "model"
     model = HookedTransformer.from_config(cfg, seed=seed)
-    model.save(path)
-    loaded = HookedTransformer.load(path)
+    C.save_model(model, path)
+    loaded = C.load_model(path)
     assert loaded.cfg == cfg
     assert trees_equal(loaded.params, model.params)
     cfg_json = json.loads((path / "config.json").read_text())
@@ -84,55 +84,112 @@ def test_train_state_round_trip(tmp_path):
     assert trees_equal(C.load_model(tmp_path / "ck").params, params)
 
 
+def listing(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
 def test_atomic_replace_and_crash_between_renames(tmp_path, monkeypatch):
     path = tmp_path / "ck"
     m1 = HookedTransformer.from_config(CFG, seed=1)
     m2 = HookedTransformer.from_config(CFG, seed=2)
-    m1.save(path)
-    m2.save(path)  # replaces
-    assert trees_equal(HookedTransformer.load(path).params, m2.params)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp dirs left behind
+    C.save_model(m1, path)
+    C.save_model(m2, path)  # replaces
+    assert trees_equal(C.load_model(path).params, m2.params)
+    assert listing(tmp_path) == ["ck"]  # no temp dirs left behind
 
-    # a crash while writing the new files leaves the old checkpoint in place
+    # a failure while writing the new files leaves the old checkpoint in place, and no temp dir
     real_write = C._write_file
 
     def failing_write(p, data):
         real_write(p, data[: len(data) // 2])
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(C, "_write_file", failing_write)
-    with pytest.raises(OSError, match="disk full"):
-        m1.save(path)
+    with pytest.raises(C.CheckpointError, match="No space left.*previous checkpoint.*unchanged"):
+        C.save_model(m1, path)
     monkeypatch.setattr(C, "_write_file", real_write)
-    assert trees_equal(HookedTransformer.load(path).params, m2.params)
+    assert trees_equal(C.load_model(path).params, m2.params)
+    assert listing(tmp_path) == ["ck"]
 
-    # a crash between moving the old one aside and moving the new one in: the old one is found
-    real_replace = os.replace
-    calls = []
-
-    def crash_second(src, dst):
-        calls.append(src)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(C.os, "replace", crash_second)
-    with pytest.raises(KeyboardInterrupt):
-        m1.save(path)
-    monkeypatch.setattr(C.os, "replace", real_replace)
-    assert not path.exists()
+    # a SIGKILL between moving the old one aside and moving the new one in leaves only .ck.old:
+    # it is found (with a warning), and the next save puts a new one in place and cleans up
+    os.replace(path, tmp_path / ".ck.old")
     with pytest.warns(UserWarning, match="interrupted"):
-        assert trees_equal(HookedTransformer.load(path).params, m2.params)
-    m1.save(path)  # the next save cleans up
-    assert trees_equal(HookedTransformer.load(path).params, m1.params)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+        assert trees_equal(C.load_model(path).params, m2.params)
+    assert C.find_checkpoint(path) == tmp_path / ".ck.old"
+    C.save_model(m1, path)
+    assert trees_equal(C.load_model(path).params, m1.params)
+    assert listing(tmp_path) == ["ck"]
+    # the same with an empty directory at NAME (e.g. made by a script's mkdir -p)
+    os.replace(path, tmp_path / ".ck.old")
+    path.mkdir()
+    with pytest.warns(UserWarning, match="interrupted"):
+        assert trees_equal(C.load_model(path).params, m1.params)
+    assert C.recover_interrupted_save(path)
+    assert listing(tmp_path) == ["ck"] and trees_equal(C.load_model(path).params, m1.params)
+
+
+def _count_ops(monkeypatch, fail_at=None, exc=None):
+    """Wrap every filesystem step of a save (file writes, fsyncs, renames, removals, mkdir) to
+    count them, raising ``exc`` just before step ``fail_at``."""
+    calls = [0]
+
+    def wrap(fn):
+        def wrapped(*a, **kw):
+            if calls[0] == fail_at:
+                calls[0] += 1
+                raise exc
+            calls[0] += 1
+            return fn(*a, **kw)
+        return wrapped
+
+    for name in ("_write_file", "_fsync_dir", "_remove_ours"):
+        monkeypatch.setattr(C, name, wrap(getattr(C, name)))
+    for name in ("replace", "rmdir", "unlink"):
+        monkeypatch.setattr(C.os, name, wrap(getattr(os, name)))
+    monkeypatch.setattr(C.Path, "mkdir", wrap(Path.mkdir))
+    return calls
+
+
+@pytest.mark.parametrize("exc", [OSError(5, "Input/output error"), KeyboardInterrupt()],
+                         ids=["OSError", "KeyboardInterrupt"])
+def test_a_save_that_fails_at_any_step_rolls_back(tmp_path, monkeypatch, exc):
+    """An exception at any step of a save (an OSError, or a KeyboardInterrupt where SIGINT cannot
+    be held: outside the main thread) leaves one complete checkpoint, the old one or the new one,
+    and nothing else: the old one goes back in place, the temporary directory is removed."""
+    m1 = HookedTransformer.from_config(CFG, seed=1)
+    m2 = HookedTransformer.from_config(CFG, seed=2)
+    with monkeypatch.context() as mp:
+        n_ops = _count_ops(mp)
+        C.save_model(m1, tmp_path / "count")
+        C.save_model(m1, tmp_path / "count")  # a replacing save: the longest sequence
+    n = n_ops[0] // 2 + 1
+    assert n >= 8
+    for k in range(n):
+        d = tmp_path / f"k{k}"
+        C.save_model(m1, d / "ck")
+        with monkeypatch.context() as mp:
+            _count_ops(mp, fail_at=k, exc=exc)
+            try:
+                C.save_model(m2, d / "ck")
+                saved = True
+            except (C.CheckpointError, KeyboardInterrupt) as e:
+                assert isinstance(e, C.CheckpointError) == isinstance(exc, OSError)
+                saved = False
+        # only the removal of the old copy after a successful save may leave it (with a warning)
+        assert listing(d) == ["ck"] or (saved and listing(d) == [".ck.old", "ck"]), (k, listing(d))
+        got = C.load_model(d / "ck").params
+        assert trees_equal(got, m2.params) if saved else (
+            trees_equal(got, m1.params) or trees_equal(got, m2.params)), k
+        C.save_model(m1, d / "ck")  # the next save cleans whatever was left
+        assert listing(d) == ["ck"] and trees_equal(C.load_model(d / "ck").params, m1.params)
 
 
 def test_refuses_to_replace_foreign_directory(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "precious.txt").write_text("x")
     with pytest.raises(C.CheckpointError, match="not a tinyinterp checkpoint"):
-        HookedTransformer.from_config(CFG).save(tmp_path / "d")
+        C.save_model(HookedTransformer.from_config(CFG), tmp_path / "d")
     assert (tmp_path / "d" / "precious.txt").read_text() == "x"
 
 
@@ -219,10 +276,10 @@ def test_config_mismatch(saved):
     # a config edited so the stored arrays no longer fit it
     edit_config(path, lambda d: d["model_config"].update(d_vocab=12))
     with pytest.raises(C.CheckpointError, match=r"params.safetensors.*embed.W_E.*shape"):
-        HookedTransformer.load(path)
+        C.load_model(path)
     edit_config(path, lambda d: d["model_config"].update(d_head=5))
     with pytest.raises(C.CheckpointError, match=r"config.json: invalid model_config"):
-        HookedTransformer.load(path)
+        C.load_model(path)
 
 
 def test_optimizer_mismatch(saved):
@@ -240,10 +297,10 @@ def test_optimizer_mismatch(saved):
 
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(C.CheckpointError, match="does not exist"):
-        HookedTransformer.load(tmp_path / "nope")
+        C.load_model(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(C.CheckpointError, match=r"empty/config.json: missing"):
-        HookedTransformer.load(tmp_path / "empty")
+        C.load_model(tmp_path / "empty")
     C.save_model(HookedTransformer.from_config(CFG), tmp_path / "bare")
     with pytest.raises(C.CheckpointError, match="no optimizer state"):
         C.load_checkpoint(tmp_path / "bare", opt_state_template={"x": jnp.zeros(1)})

@@ -3,7 +3,8 @@
     tinyinterp reproduce induction-heads [--out DIR] [--seed N]   the main job
     tinyinterp reproduce superposition [--out DIR]
     tinyinterp reproduce sae [--out DIR]
-    tinyinterp train --task repeated_tokens --out DIR [--resume]
+    tinyinterp reproduce grokking [--out DIR] [--seed S] [--paper]
+    tinyinterp train --task repeated_tokens --out DIR [--resume | --overwrite]
     tinyinterp inspect PATH
 """
 
@@ -27,43 +28,66 @@ REPRODUCTIONS = {
     "sae": ("tinyinterp.reproduce.sae",
             "sparse autoencoders on data with known features: MMCS/L0/dead sweep over lambda and "
             "dictionary size, and an SAE recovering a superposition model's features"),
+    "grokking": ("tinyinterp.reproduce.grokking",
+                 "grok (a + b) mod p with a 1-layer transformer: memorisation, circuit formation "
+                 "and cleanup, the Fourier circuit and the progress measures (Nanda et al. 2023)"),
 }
+
+
+# Flags of `tinyinterp train` that describe the run (model, task, optimizer), with their defaults.
+# They are None in the parsed args unless given, so that --resume can tell what the user asked for.
+_MODEL_DEFAULTS = {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_mlp": -1, "n_ctx": None,
+                   "act_fn": "gelu", "normalization_type": "LN", "attn_only": False,
+                   "attention_backend": "auto"}
+_OPT_DEFAULTS = {"steps": 1000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 0,
+                 "schedule": "constant", "weight_decay": 0.01, "grad_clip": 1.0, "seed": 0,
+                 "eval_every": 0, "checkpoint_every": 0}
+# What may change when a run is resumed (host-side loop settings: they do not change the bits).
+_RESUME_FREE = ("steps", "eval_every", "checkpoint_every")
 
 
 def _add_train(sub) -> None:
     from tinyinterp.tasks import TASKS
 
-    p = sub.add_parser("train", help="train a transformer on a synthetic task",
-                       description="Train a transformer on a synthetic task with AdamW; writes a "
-                                   "resumable checkpoint (and metrics) to --out.")
-    p.add_argument("--task", default="repeated_tokens", help=f"one of {sorted(TASKS)}")
+    p = sub.add_parser(
+        "train", help="train a transformer on a synthetic task",
+        description="Train a transformer on a synthetic task with AdamW; writes a resumable "
+                    "checkpoint (with the loss history) to OUT/checkpoint. --out and every flag "
+                    "are checked before any work. With --resume the run continues with the "
+                    "settings stored in its checkpoint: model, task and optimizer flags may only "
+                    "repeat them (a contradiction is an error); --steps (default: the stored "
+                    "run's steps), --eval-every, --checkpoint-every and --no-progress may change.")
+    p.add_argument("--task", default=None,
+                   help=f"one of {sorted(TASKS)} (default: repeated_tokens)")
     p.add_argument("--task-option", action="append", default=[], metavar="NAME=VALUE",
                    help="task option, e.g. --task-option length=16 (repeatable)")
-    p.add_argument("--out", required=True, help="output folder (checkpoint, metrics.json)")
+    p.add_argument("--out", required=True, help="output folder; the checkpoint goes to OUT/checkpoint")
     p.add_argument("--resume", action="store_true",
                    help="continue the run stored in --out (bitwise as if never interrupted)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     m = p.add_argument_group("model")
-    m.add_argument("--n-layers", type=int, default=2)
-    m.add_argument("--d-model", type=int, default=64)
-    m.add_argument("--n-heads", type=int, default=4)
-    m.add_argument("--d-mlp", type=int, default=-1, help="-1: 4 * d_model")
-    m.add_argument("--n-ctx", type=int, default=None, help="default: the task's sequence length")
-    m.add_argument("--act-fn", default="gelu")
-    m.add_argument("--normalization-type", default="LN", help="LN, LNPre, RMS, RMSPre or none")
-    m.add_argument("--attn-only", action="store_true")
-    m.add_argument("--attention-backend", default="auto", choices=("auto", "numba", "xla"))
+    m.add_argument("--n-layers", type=int, help="default: 2")
+    m.add_argument("--d-model", type=int, help="default: 64")
+    m.add_argument("--n-heads", type=int, help="default: 4 (d_head = d_model / n_heads)")
+    m.add_argument("--d-mlp", type=int, help="default: -1, meaning 4 * d_model")
+    m.add_argument("--n-ctx", type=int, help="default: the task's sequence length")
+    m.add_argument("--act-fn", help="default: gelu")
+    m.add_argument("--normalization-type", help="LN (default), LNPre, RMS, RMSPre or none")
+    m.add_argument("--attn-only", action="store_true", default=None)
+    m.add_argument("--attention-backend", choices=("auto", "numba", "xla"), help="default: auto")
     o = p.add_argument_group("optimizer")
-    o.add_argument("--steps", type=int, default=1000)
-    o.add_argument("--batch-size", type=int, default=64)
-    o.add_argument("--lr", type=float, default=1e-3)
-    o.add_argument("--warmup-steps", type=int, default=0)
-    o.add_argument("--schedule", default="constant", choices=("constant", "cosine", "linear"))
-    o.add_argument("--weight-decay", type=float, default=0.01)
-    o.add_argument("--grad-clip", type=float, default=1.0, help="0 disables clipping")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--eval-every", type=int, default=0)
-    o.add_argument("--checkpoint-every", type=int, default=0)
+    o.add_argument("--steps", type=int,
+                   help="total steps (default: 1000; with --resume: the stored run's steps)")
+    o.add_argument("--batch-size", type=int, help="default: 64")
+    o.add_argument("--lr", type=float, help="default: 0.001")
+    o.add_argument("--warmup-steps", type=int, help="default: 0")
+    o.add_argument("--schedule", choices=("constant", "cosine", "linear"),
+                   help="default: constant")
+    o.add_argument("--weight-decay", type=float, help="default: 0.01")
+    o.add_argument("--grad-clip", type=float, help="default: 1.0; 0 disables clipping")
+    o.add_argument("--seed", type=int, help="default: 0")
+    o.add_argument("--eval-every", type=int, help="default: 0 (only at the end)")
+    o.add_argument("--checkpoint-every", type=int, help="default: 0 (only at the end)")
     o.add_argument("--no-progress", action="store_true")
 
 
@@ -76,35 +100,165 @@ def _parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def _run_train(args) -> int:
+def _task_options(items: list[str]) -> dict:
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--task-option needs NAME=VALUE, got {item!r}")
+        options[name.replace("-", "_")] = _parse_value(value)
+    return options
+
+
+def _given(args, name: str, defaults: dict):
+    value = getattr(args, name)
+    return defaults[name] if value is None else value
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_out_dir(out: str | Path, what: str = "--out") -> Path:
+    """Raise ValueError unless ``out`` can be the output folder of a run: not an existing file,
+    inside a directory this process may write (checked by creating and dropping an unnamed
+    temporary file there). Creates nothing; called before any work, so a run never trains and
+    then dies for want of a place to put its result."""
+    import tempfile
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{what} {out} is an existing file; it must be a folder (new or existing)")
+    ancestor = out
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{what} {out}: {ancestor} is a file, so the folder cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {out}: cannot write in {ancestor} ({e.strerror or e})") from e
+    return out
+
+
+def _resume_settings(args):
+    """The stored run's (cfg, task, train config), after checking that every flag the user gave
+    agrees with it; the changes allowed on resume applied."""
+    from tinyinterp import checkpoint
+    from tinyinterp.tasks import get_task
+    from tinyinterp.train import CHECKPOINT_DIR, resume_task
+
+    if args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: "
+                         "choose one")
+    if checkpoint.find_checkpoint(Path(args.out) / CHECKPOINT_DIR, run_dir=False) is None:
+        raise ValueError(f"--resume: there is no run to resume in {args.out} (no checkpoint at "
+                         f"{Path(args.out) / CHECKPOINT_DIR}); drop --resume to start one")
+    cfg, task, tc = resume_task(args.out)
+    stored_step = checkpoint.read_config(Path(args.out) / CHECKPOINT_DIR)["step"]
+    conflicts = []
+
+    def compare(flag: str, given, stored) -> None:
+        if given != stored:
+            conflicts.append(f"{flag} {given!r} (stored: {stored!r})")
+
+    for name in _MODEL_DEFAULTS:
+        given = getattr(args, name)
+        if given is None:
+            continue
+        if name == "normalization_type":
+            stored = cfg.normalization_type
+            given = None if given.lower() == "none" else given
+        elif name == "d_mlp":
+            stored = cfg.d_mlp
+            given = 4 * cfg.d_model if given == -1 else given
+        else:
+            stored = getattr(cfg, name)
+        compare(_flag(name), given, stored)
+    if args.task is not None:
+        compare("--task", get_task(args.task).name, task.name)
+    stored_opts = task.opts
+    for name, value in _task_options(args.task_option).items():
+        if name not in stored_opts:
+            conflicts.append(f"--task-option {name}={value!r} (task {task.name!r} has no option "
+                             f"{name!r}; its options: {sorted(stored_opts)})")
+        elif value != stored_opts[name]:
+            conflicts.append(f"--task-option {name}={value!r} (stored: {stored_opts[name]!r})")
+    for name in _OPT_DEFAULTS:
+        given = getattr(args, name)
+        if given is None or name in _RESUME_FREE:
+            continue
+        stored = getattr(tc, name)
+        if name == "grad_clip":
+            given, stored = (given or None), (stored or None)
+        compare(_flag(name), given, stored)
+    if conflicts:
+        raise ValueError(
+            f"--resume continues the run stored in {args.out} with its stored settings, and "
+            f"these flags contradict them: {'; '.join(conflicts)}. Drop them (the stored "
+            "settings are used), or start a new run with another --out. Only --steps, "
+            "--eval-every, --checkpoint-every and --no-progress may change on resume.")
+    changes = {name: getattr(args, name) for name in _RESUME_FREE if getattr(args, name) is not None}
+    if "steps" in changes:
+        if changes["steps"] < stored_step:
+            raise ValueError(f"--steps {changes['steps']} is before the checkpoint's step "
+                             f"{stored_step}; a run cannot be resumed backwards")
+        if tc.schedule != "constant" and changes["steps"] != tc.steps:
+            raise ValueError(f"--steps {changes['steps']}: the run's {tc.schedule} learning-rate "
+                             f"schedule was planned for {tc.steps} steps, and changing it would "
+                             "change the trajectory already trained; resume without --steps, or "
+                             "start a new run")
+    tc = tc.replace(progress=False if args.no_progress else None, **changes)
+    return cfg, task, tc, stored_step
+
+
+def _new_settings(args):
+    from tinyinterp import checkpoint
     from tinyinterp.config import TransformerConfig
     from tinyinterp.tasks import get_task
-    from tinyinterp.train import TrainConfig, resume_task, train
+    from tinyinterp.train import CHECKPOINT_DIR, TrainConfig
 
+    ckpt = Path(args.out) / CHECKPOINT_DIR
+    found = checkpoint.find_checkpoint(ckpt, run_dir=False)
+    if found is not None and not args.overwrite:
+        raise FileExistsError(f"{args.out} already holds a run (checkpoint {found}); pass "
+                              "--resume to continue it, --overwrite to replace it, or choose "
+                              "another --out")
+    checkpoint.check_save_path(ckpt)
+    task = get_task(args.task or "repeated_tokens", **_task_options(args.task_option))
+    m = {name: _given(args, name, _MODEL_DEFAULTS) for name in _MODEL_DEFAULTS}
+    if m["n_heads"] <= 0 or m["d_model"] <= 0 or m["d_model"] % m["n_heads"]:
+        raise ValueError(f"--d-model {m['d_model']} must be a positive multiple of --n-heads "
+                         f"{m['n_heads']} (each head gets d_model / n_heads dimensions)")
+    norm = None if m["normalization_type"].lower() == "none" else m["normalization_type"]
+    cfg = TransformerConfig(
+        n_layers=m["n_layers"], d_model=m["d_model"], n_heads=m["n_heads"],
+        d_head=m["d_model"] // m["n_heads"], d_mlp=m["d_mlp"], d_vocab=task.d_vocab,
+        n_ctx=m["n_ctx"] or task.seq_len, act_fn=m["act_fn"], normalization_type=norm,
+        attn_only=m["attn_only"], attention_backend=m["attention_backend"],
+        model_name=task.name)
+    o = {name: _given(args, name, _OPT_DEFAULTS) for name in _OPT_DEFAULTS}
+    tc = TrainConfig(**{**o, "grad_clip": o["grad_clip"] or None},
+                     progress=False if args.no_progress else None)
+    return cfg, task, tc
+
+
+def _run_train(args) -> int:
+    from tinyinterp.train import train
+
+    check_out_dir(args.out)
     if args.resume:
-        cfg, task, tc = resume_task(args.out)
-        tc = tc.replace(steps=args.steps, progress=False if args.no_progress else None)
+        cfg, task, tc, stored_step = _resume_settings(args)
+        if stored_step >= tc.steps:
+            print(f"{args.out} is already at step {stored_step}, the run's last step; nothing to "
+                  f"do (pass --steps N with N > {stored_step} to train further)")
+            return 0
+        print(f"resuming {args.out} at step {stored_step} and training to step {tc.steps}"
+              + ("" if args.steps is not None else " (the stored run's steps; --steps N trains "
+                 "further)"), flush=True)
     else:
-        options = {}
-        for item in args.task_option:
-            if "=" not in item:
-                raise SystemExit(f"--task-option needs NAME=VALUE, got {item!r}")
-            name, value = item.split("=", 1)
-            options[name] = _parse_value(value)
-        task = get_task(args.task, **options)
-        norm = None if args.normalization_type.lower() == "none" else args.normalization_type
-        cfg = TransformerConfig(
-            n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
-            d_head=args.d_model // args.n_heads if args.d_model % args.n_heads == 0 else -1,
-            d_mlp=args.d_mlp, d_vocab=task.d_vocab, n_ctx=args.n_ctx or task.seq_len,
-            act_fn=args.act_fn, normalization_type=norm, attn_only=args.attn_only,
-            attention_backend=args.attention_backend, model_name=f"{task.name}")
-        tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         warmup_steps=args.warmup_steps, schedule=args.schedule,
-                         weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
-                         seed=args.seed, eval_every=args.eval_every,
-                         checkpoint_every=args.checkpoint_every,
-                         progress=False if args.no_progress else None)
+        cfg, task, tc = _new_settings(args)
     result = train(cfg, task, tc, out_dir=args.out, resume=args.resume, overwrite=args.overwrite)
     last = {k: float(v[-1]) for k, v in result.history.items()
             if isinstance(v, list) and v and k != "step"}
@@ -121,12 +275,11 @@ def _run_inspect(args) -> int:
     import numpy as np
 
     from tinyinterp import checkpoint
-    from tinyinterp.model import HookedTransformer
 
     path = Path(args.path)
-    model = HookedTransformer.load(path)
+    model = checkpoint.load_model(path)
     cfg = model.cfg
-    info = checkpoint.read_config(path if not (path / "checkpoint").is_dir() else path / "checkpoint")
+    info = checkpoint.read_config(path)
     print(f"{path}: {model!r}")
     for key in ("kind", "format_version", "step"):
         if key in info:
@@ -188,22 +341,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; a user's mistake (bad flag value, --out in the way, a checkpoint that is
+    not one, a run that diverged) is one line on stderr and exit code 2 (1 for a run that failed:
+    divergence, an OS error), never a traceback."""
+    from tinyinterp.checkpoint import CheckpointError
+    from tinyinterp.train import TrainingDiverged
+
     args = build_parser().parse_args(argv)
+    name = f"tinyinterp {args.command}"
     try:
         if args.command == "reproduce":
             if getattr(args, "_missing", None):
                 print(f"tinyinterp: {args.experiment} is not available: {args._missing}",
                       file=sys.stderr)
                 return 2
+            if getattr(args, "out", None) is not None:
+                check_out_dir(args.out)
             return int(importlib.import_module(args._module).main(args) or 0)
         if args.command == "train":
             return _run_train(args)
         if args.command == "inspect":
             return _run_inspect(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
-        print(f"tinyinterp {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted (checkpoints already written are complete)", file=sys.stderr)
+        return 130
+    except TrainingDiverged as e:
+        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, TypeError,
+            KeyError) as e:
+        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     return 2  # pragma: no cover
 
 

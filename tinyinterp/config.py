@@ -12,10 +12,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 ACT_FNS = ("relu", "gelu", "gelu_new", "gelu_fast", "silu")
 NORMALIZATION_TYPES = ("LN", "LNPre", "RMS", "RMSPre", None)
 ATTENTION_BACKENDS = ("auto", "numba", "xla")
 POSITIONAL_EMBEDDING_TYPES = ("standard",)
+_INT_FIELDS = ("n_layers", "d_model", "n_ctx", "d_head", "d_vocab", "n_heads", "d_mlp", "d_vocab_out")
+_FLOAT_FIELDS = ("eps", "initializer_range")
+_STR_FIELDS = ("act_fn", "normalization_type", "positional_embedding_type", "attention_backend",
+               "model_name")
 
 
 def _suggest(value: object, allowed) -> str:
@@ -54,24 +60,48 @@ class TransformerConfig:
     model_name: str = "custom"
 
     def __post_init__(self) -> None:
+        self._check_types()
         # Derived defaults (object.__setattr__ because the dataclass is frozen).
-        if self.n_heads == -1 and isinstance(self.d_model, int) and isinstance(self.d_head, int):
-            if self.d_head > 0 and self.d_model % self.d_head == 0:
-                object.__setattr__(self, "n_heads", self.d_model // self.d_head)
-        if self.d_mlp == -1 and isinstance(self.d_model, int):
+        if self.n_heads == -1 and self.d_head > 0 and self.d_model % self.d_head == 0:
+            object.__setattr__(self, "n_heads", self.d_model // self.d_head)
+        if self.d_mlp == -1:
             object.__setattr__(self, "d_mlp", 4 * self.d_model)
         if self.d_vocab_out == -1:
             object.__setattr__(self, "d_vocab_out", self.d_vocab)
-        if self.initializer_range == -1.0 and isinstance(self.d_model, int) and self.d_model > 0:
+        if self.initializer_range == -1.0 and self.d_model > 0:
             object.__setattr__(self, "initializer_range", 0.8 / math.sqrt(self.d_model))
         self._validate()
 
-    def _validate(self) -> None:
-        for name in ("n_layers", "d_model", "n_ctx", "d_head", "d_vocab", "n_heads", "d_mlp",
-                     "d_vocab_out"):
+    def _check_types(self) -> None:
+        """Every field has its declared type (numpy scalars are accepted and stored as Python
+        ones, so ``to_dict`` stays JSON-safe); a string where a number belongs (e.g.
+        ``initializer_range="0.1"`` from a hand-edited JSON) is a TypeError naming the field."""
+        for name in _INT_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"TransformerConfig.{name} must be an int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"TransformerConfig.{name} must be an int, got {value!r} "
+                                f"({type(value).__name__})")
+            object.__setattr__(self, name, int(value))
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                                 np.floating)):
+                raise TypeError(f"TransformerConfig.{name} must be a number (float), got "
+                                f"{value!r} ({type(value).__name__})")
+            object.__setattr__(self, name, float(value))
+        for name in _STR_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (name == "normalization_type" and value is None):
+                allowed = "a str or None" if name == "normalization_type" else "a str"
+                raise TypeError(f"TransformerConfig.{name} must be {allowed}, got {value!r} "
+                                f"({type(value).__name__})")
+        if not isinstance(self.attn_only, (bool, np.bool_)):
+            raise TypeError(f"TransformerConfig.attn_only must be a bool, got {self.attn_only!r}")
+        object.__setattr__(self, "attn_only", bool(self.attn_only))
+
+    def _validate(self) -> None:
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
             if value <= 0:
                 if name == "n_heads":
                     raise ValueError(
@@ -101,13 +131,11 @@ class TransformerConfig:
                 "TransformerConfig.positional_embedding_type="
                 f"{self.positional_embedding_type!r} is not supported; "
                 + _suggest(self.positional_embedding_type, POSITIONAL_EMBEDDING_TYPES))
-        if not isinstance(self.attn_only, bool):
-            raise TypeError(f"TransformerConfig.attn_only must be a bool, got {self.attn_only!r}")
-        if not (isinstance(self.eps, (int, float)) and self.eps > 0 and math.isfinite(self.eps)):
+        if not (self.eps > 0 and math.isfinite(self.eps)):
             raise ValueError(f"TransformerConfig.eps must be a positive finite float, got {self.eps}")
         if not (self.initializer_range > 0 and math.isfinite(self.initializer_range)):
-            raise ValueError("TransformerConfig.initializer_range must be positive and finite, "
-                             f"got {self.initializer_range}")
+            raise ValueError("TransformerConfig.initializer_range must be positive and finite (or "
+                             f"-1.0 for 0.8 / sqrt(d_model)), got {self.initializer_range}")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +144,9 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TransformerConfig:
+        """The inverse of ``to_dict``; unknown fields and wrong types are clear errors."""
+        if not isinstance(d, dict):
+            raise TypeError(f"TransformerConfig.from_dict needs a dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

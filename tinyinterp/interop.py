@@ -16,7 +16,7 @@ import numpy as np
 
 from tinyinterp.config import TransformerConfig
 from tinyinterp.model import HookedTransformer
-from tinyinterp.params import flatten_params, unflatten_params
+from tinyinterp.params import check_params, flatten_params, unflatten_params
 
 # Buffers TL keeps in its state dict (not parameters): ignored on import.
 _TL_BUFFERS = re.compile(r"^blocks\.\d+\.attn\.(mask|IGNORE)$|\.rotary_(sin|cos)$")
@@ -29,8 +29,19 @@ def to_transformer_lens_state_dict(model: HookedTransformer) -> dict[str, np.nda
 
 def from_transformer_lens_state_dict(cfg: TransformerConfig, state_dict: dict) -> HookedTransformer:
     """A model from a TL-style state dict (numpy arrays, or anything ``np.asarray`` accepts, e.g.
-    CPU torch tensors). TL's attention buffers (``attn.mask``, ``attn.IGNORE``) are skipped; any
-    other missing, unexpected or misshapen key is a clear error."""
-    flat = {k: np.asarray(v, dtype=np.float32) for k, v in state_dict.items()
-            if not _TL_BUFFERS.search(k)}
-    return HookedTransformer(cfg, unflatten_params(flat, cfg))
+    CPU torch tensors). Floating-point weights (float16/bfloat16/float64) are converted to float32;
+    TL's attention buffers (``attn.mask``, ``attn.IGNORE``) are skipped; any other missing,
+    unexpected or misshapen key, or a non-float weight (int, bool: not weights), is a clear
+    ValueError naming the key (``tinyinterp.params.check_params``)."""
+    flat = {}
+    for k, v in state_dict.items():
+        if _TL_BUFFERS.search(k):
+            continue
+        a = np.asarray(v)
+        if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"):
+            raise ValueError(f"state_dict[{k!r}] has dtype {a.dtype}; model weights must be "
+                             "floating point (is this the right state dict?)")
+        flat[k] = a.astype(np.float32)
+    params = unflatten_params(flat, cfg)
+    check_params(params, cfg)
+    return HookedTransformer(cfg, params)

@@ -14,10 +14,14 @@
     params["unembed"]["b_U"]               [d_vocab_out]
 
 ``params["blocks"]`` is a list with one dict per layer. ``flatten_params`` gives the TransformerLens
-state-dict view (``"blocks.0.attn.W_Q"``), ``unflatten_params`` inverts it.
+state-dict view (``"blocks.0.attn.W_Q"``), ``unflatten_params`` inverts it. ``check_params(params,
+cfg)`` checks every leaf's shape and dtype against the config (checkpoint loading and the
+TransformerLens import call it; a model is never built on params it does not fit).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +133,73 @@ def unflatten_params(flat: dict, cfg: TransformerConfig) -> Params:
             node = node.setdefault(p, {})
         node[parts[-1]] = jnp.asarray(value, dtype=jnp.float32)
     return params
+
+
+# The axes of each parameter, for error messages ("W_O [n_heads, d_head, d_model]").
+_AXES = {"W_E": ("d_vocab", "d_model"), "W_pos": ("n_ctx", "d_model"), "w": ("d_model",),
+         "b": ("d_model",), "W_Q": ("n_heads", "d_model", "d_head"),
+         "W_K": ("n_heads", "d_model", "d_head"), "W_V": ("n_heads", "d_model", "d_head"),
+         "W_O": ("n_heads", "d_head", "d_model"), "b_Q": ("n_heads", "d_head"),
+         "b_K": ("n_heads", "d_head"), "b_V": ("n_heads", "d_head"), "b_O": ("d_model",),
+         "W_in": ("d_model", "d_mlp"), "b_in": ("d_mlp",), "W_out": ("d_mlp", "d_model"),
+         "b_out": ("d_model",), "W_U": ("d_model", "d_vocab_out"), "b_U": ("d_vocab_out",)}
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_params(cfg: TransformerConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """{TL name: shape and dtype} of ``init_params(cfg, key)``, traced abstractly (no arrays)."""
+    tree = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+    return flatten_params(tree)
+
+
+def _describe(name: str, shape: tuple[int, ...], cfg: TransformerConfig) -> str:
+    axes = _AXES.get(name.rsplit(".", 1)[-1])
+    if axes is None or len(axes) != len(shape):
+        return str(shape)
+    return "[" + ", ".join(f"{a}={getattr(cfg, a)}" for a in axes) + "]"
+
+
+def check_params(params: Params, cfg: TransformerConfig) -> None:
+    """Raise a ValueError unless ``params`` has exactly the leaves, shapes and dtype (float32) that
+    ``init_params(cfg, key)`` gives. Works on concrete arrays and on tracers (only shapes and dtypes
+    are read), and costs no computation.
+
+    Why: the forward pass and its kernels are written for these shapes; a W_O with 3 heads in a
+    2-head config, or a W_E with too few rows, would otherwise run silently wrong (or worse)."""
+    if not isinstance(params, dict):
+        raise ValueError(f"params must be a nested dict of arrays (TransformerLens names), got "
+                         f"{type(params).__name__}")
+    blocks = params.get("blocks")
+    if blocks is not None and not isinstance(blocks, (list, tuple)):
+        raise ValueError(f"params['blocks'] must be a list with one dict per layer, got "
+                         f"{type(blocks).__name__}")
+    if isinstance(blocks, (list, tuple)) and len(blocks) != cfg.n_layers:
+        raise ValueError(f"params has {len(blocks)} blocks but the config has "
+                         f"n_layers={cfg.n_layers}")
+    flat = flatten_params(params)
+    expected = _abstract_params(cfg)
+    missing = [k for k in expected if k not in flat]
+    unexpected = [k for k in flat if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            "params do not match the config: "
+            + (f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}; " if missing else "")
+            + (f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}; "
+               if unexpected else "")
+            + f"the config has n_layers={cfg.n_layers}, attn_only={cfg.attn_only}, "
+            f"normalization_type={cfg.normalization_type!r}")
+    for name, ref in expected.items():
+        leaf, shape = flat[name], tuple(ref.shape)
+        got_shape, got_dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+        if got_shape is None or got_dtype is None:
+            raise ValueError(f"params[{name!r}] must be an array, got {type(leaf).__name__}")
+        if tuple(got_shape) != shape:
+            raise ValueError(f"params[{name!r}] has shape {tuple(got_shape)}, the config expects "
+                             f"{shape} {_describe(name, shape, cfg)}")
+        if np.dtype(got_dtype) != np.dtype(ref.dtype):
+            raise ValueError(f"params[{name!r}] has dtype {np.dtype(got_dtype)}, expected "
+                             f"{np.dtype(ref.dtype)} (cast with .astype(jnp.{np.dtype(ref.dtype)}) "
+                             "if the values are right)")
 
 
 def count_params(params: Params) -> int:

@@ -79,23 +79,31 @@ class TrainConfig:
                 "eval_batches": 0, "checkpoint_every": 0, "chunk_size": 1}
         for name, lo in ints.items():
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"TrainConfig.{name} must be an int >= {lo}, got {v!r} "
+                                f"({type(v).__name__})")
+            if v < lo:
                 raise ValueError(f"TrainConfig.{name} must be an int >= {lo}, got {v!r}")
             object.__setattr__(self, name, int(v))  # numpy ints -> int, so to_dict is JSON-safe
-        for name in ("lr", "weight_decay", "b1", "b2", "eps", "final_lr_frac"):
+        for name in ("lr", "weight_decay", "b1", "b2", "eps", "final_lr_frac", "grad_clip"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
-                    or not math.isfinite(v) or v < 0:
+            if name == "grad_clip" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+                raise TypeError(f"TrainConfig.{name} must be a number"
+                                + (" or None" if name == "grad_clip" else "")
+                                + f", got {v!r} ({type(v).__name__})")
+            if not math.isfinite(v) or v < 0:
                 raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {v!r}")
             object.__setattr__(self, name, float(v))
         if not (self.b1 < 1 and self.b2 < 1):
             raise ValueError(f"TrainConfig: b1 and b2 must be < 1, got {self.b1}, {self.b2}")
-        if self.schedule not in SCHEDULES:
+        if self.final_lr_frac > 1:
+            raise ValueError(f"TrainConfig.final_lr_frac is the lr at the last step as a fraction "
+                             f"of lr, so it must be in [0, 1], got {self.final_lr_frac}")
+        if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig.schedule={self.schedule!r}; allowed: {SCHEDULES}")
-        if self.grad_clip is not None and not (self.grad_clip >= 0
-                                               and math.isfinite(self.grad_clip)):
-            raise ValueError(f"TrainConfig.grad_clip must be None or >= 0, got {self.grad_clip}")
-        if self.progress not in (None, True, False):
+        if not (self.progress is None or isinstance(self.progress, bool)):
             raise ValueError(f"TrainConfig.progress must be None, True or False, "
                              f"got {self.progress!r}")
 
@@ -104,6 +112,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """The inverse of ``to_dict``; unknown fields and wrong types are clear errors."""
+        if not isinstance(d, dict):
+            raise TypeError(f"TrainConfig.from_dict needs a dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -328,8 +339,13 @@ def fit(loss_fn: Callable, params: Any, sample_fn: Callable, train_cfg: TrainCon
     history: dict[str, Any] = {"step": [], "eval": {"step": []}}
     opt_state = optimizer.init(params)
     resumed_from = None
-    if ckpt_dir is not None and (ckpt_dir / ckpt_lib.CONFIG_FILE).exists():
-        if resume:
+    if ckpt_dir is not None:
+        if not resume:  # a run that could not save is refused now, not after training
+            ckpt_lib.check_save_path(ckpt_dir)
+        found = ckpt_lib.find_checkpoint(ckpt_dir, run_dir=False)
+        if found is not None and resume:
+            if found != ckpt_dir:  # a save was interrupted between its renames: restore it
+                ckpt_lib.recover_interrupted_save(ckpt_dir)
             ck = ckpt_lib.load_checkpoint(ckpt_dir, opt_state_template=opt_state,
                                           params_template=params, expected_config=model_config)
             file = ckpt_dir / ckpt_lib.CONFIG_FILE
@@ -343,12 +359,15 @@ def fit(loss_fn: Callable, params: Any, sample_fn: Callable, train_cfg: TrainCon
             params, opt_state, step, history = ck.params, ck.opt_state, ck.step, ck.history
             key = ck.key if ck.key is not None else key
             resumed_from = step
-        elif not overwrite:
-            raise FileExistsError(f"{ckpt_dir} already holds a checkpoint; pass resume=True to "
-                                  "continue it, overwrite=True to replace it, or another out_dir")
-    elif resume:
-        warnings.warn(f"resume=True but there is no checkpoint at {ckpt_dir}; starting from step 0",
-                      stacklevel=2)
+        elif found is not None and not overwrite:
+            where = ("" if found == ckpt_dir else f" (the previous checkpoint of an interrupted save, "
+                     f"at {found})")
+            raise FileExistsError(f"{ckpt_dir} already holds a checkpoint{where}; pass resume=True "
+                                  "to continue it, overwrite=True to replace it, or another out_dir")
+        elif found is None and resume:
+            warnings.warn(f"resume=True but there is no checkpoint at {ckpt_dir}; starting from "
+                          "step 0", stacklevel=2)
+        ckpt_lib.check_save_path(ckpt_dir)
 
     # The chunk function donates its input buffers; copy so the caller's arrays stay valid.
     state = {"params": jax.tree_util.tree_map(jnp.copy, params),
@@ -517,7 +536,16 @@ def train(model_or_cfg, task: Task | str, train_cfg: TrainConfig | None = None, 
 
 def resume_task(out_dir: str | Path) -> tuple[TransformerConfig, Task, TrainConfig]:
     """(model config, task, train config) stored in ``out_dir``'s checkpoint, to resume a run
-    whose settings you no longer have: ``train(cfg, task, tc, out_dir=out_dir, resume=True)``."""
+    whose settings you no longer have: ``train(cfg, task, tc, out_dir=out_dir, resume=True)``.
+    A checkpoint without these settings, or with invalid ones, is a ``CheckpointError``."""
     c = ckpt_lib.read_config(Path(out_dir) / CHECKPOINT_DIR)
-    cfg = TransformerConfig.from_dict(c["model_config"])
-    return cfg, task_from_dict(c["task"]), TrainConfig.from_dict(c["train_config"])
+    file = c["_path"] / ckpt_lib.CONFIG_FILE
+    for field in ("model_config", "task", "train_config"):
+        if c.get(field) is None:
+            raise ckpt_lib.CheckpointError(f"{file}: holds no {field}, so the run cannot be "
+                                           "resumed from it (is it a bare model checkpoint?)")
+    try:
+        return (TransformerConfig.from_dict(c["model_config"]), task_from_dict(c["task"]),
+                TrainConfig.from_dict(c["train_config"]))
+    except (TypeError, ValueError, KeyError) as e:
+        raise ckpt_lib.CheckpointError(f"{file}: invalid stored settings: {e}") from e
