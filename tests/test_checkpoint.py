@@ -185,12 +185,139 @@ def test_a_save_that_fails_at_any_step_rolls_back(tmp_path, monkeypatch, exc):
         assert listing(d) == ["ck"] and trees_equal(C.load_model(d / "ck").params, m1.params)
 
 
-def test_refuses_to_replace_foreign_directory(tmp_path):
+def snapshot(d: Path) -> dict:
+    """Every path under d (symlinks not followed) -> its bytes (files), target (links) or None."""
+    out = {}
+    for root, dirs, files in os.walk(d):
+        for name in dirs + files:
+            p = Path(root) / name
+            out[str(p.relative_to(d))] = (os.readlink(p) if p.is_symlink() else
+                                          p.read_bytes() if p.is_file() else None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model1():
+    return HookedTransformer.from_config(CFG, seed=1)
+
+
+@pytest.mark.parametrize("make", ["other_tools_model", "notes_in_checkpoint", "damaged_config",
+                                  "plain_folder"])
+def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path, model1, make):
+    """A save only replaces a folder carrying tinyinterp's marker and nothing else; anything
+    else is refused before a byte is written, and left exactly as it was."""
+    d = tmp_path / "d"
+    if make == "other_tools_model":  # another tool's model: a config.json, weights, a README
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 12}))
+        (d / "model.safetensors").write_bytes(b"weights")
+        (d / "README.md").write_text("my model")
+        match = r"not a tinyinterp checkpoint \(its config.json has no \"format\""
+    elif make == "notes_in_checkpoint":  # a real checkpoint into which the user put a file
+        C.save_model(model1, d)
+        (d / "notes.txt").write_text("results of run 3")
+        match = r"is a tinyinterp checkpoint but also holds \['notes.txt'\]"
+    elif make == "damaged_config":
+        d.mkdir()
+        (d / "config.json").write_text('{"format": "tinyinterp-chec')
+        match = "its config.json is not valid JSON"
+    else:
+        d.mkdir()
+        (d / "precious.txt").write_text("x")
+        match = "it has no config.json; it holds precious.txt"
+    before = snapshot(tmp_path)
+    with pytest.raises(C.CheckpointError, match=match):
+        C.save_model(model1, d)
+    with pytest.raises(C.CheckpointError, match=match):
+        C.save_checkpoint(d, params=model1.params, model_config=CFG, step=1)
+    assert snapshot(tmp_path) == before
+
+
+def test_empty_folder_is_replaced(tmp_path, model1):
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "precious.txt").write_text("x")
+    C.save_model(model1, tmp_path / "d")
+    assert trees_equal(C.load_model(tmp_path / "d").params, model1.params)
+    assert listing(tmp_path) == ["d"]
+
+
+def test_save_to_a_file_the_cwd_or_below_a_file(tmp_path, model1, monkeypatch):
+    (tmp_path / "f").write_text("keep")
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    (cwd / "config.json").write_text("{}")
+    C.save_model(model1, cwd / "sub" / "model")  # a checkpoint below the cwd is fine
+    before = snapshot(tmp_path)
+    with pytest.raises(C.CheckpointError, match="is an existing file, not a directory"):
+        C.save_model(model1, tmp_path / "f")
+    with pytest.raises(C.CheckpointError, match=r"f is a file, not a directory"):
+        C.save_model(model1, tmp_path / "f" / "model")
+    monkeypatch.chdir(cwd)
+    for p in (".", "", tmp_path, "sub/.."):
+        with pytest.raises(C.CheckpointError, match="current directory or contains it"):
+            C.save_model(model1, p)
+    monkeypatch.chdir(cwd / "sub" / "model")  # even when the cwd is a checkpoint
+    with pytest.raises(C.CheckpointError, match="current directory"):
+        C.save_model(model1, ".")
+    assert snapshot(tmp_path) == before
+
+
+def test_symlinked_paths(tmp_path, model1):
+    m2 = HookedTransformer.from_config(CFG, seed=2)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "ck")  # dangling until the first save
+    C.save_model(model1, tmp_path / "link")
+    C.save_model(m2, tmp_path / "link")  # replaces the target; the link stays a link
+    assert (tmp_path / "link").is_symlink() and listing(tmp_path) == ["link", "real"]
+    assert listing(tmp_path / "real") == ["ck"]  # no .ck.old / .ck.tmp / .link.old left
+    assert trees_equal(C.load_model(tmp_path / "link").params, m2.params)
+    # a link in the parent path is followed too
+    (tmp_path / "dirlink").symlink_to(tmp_path / "real", target_is_directory=True)
+    C.save_model(model1, tmp_path / "dirlink" / "ck")
+    assert trees_equal(C.load_model(tmp_path / "real" / "ck").params, model1.params)
+    assert listing(tmp_path / "real") == ["ck"]
+    # a link to something that is not a checkpoint is refused like the thing itself
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("x")
+    (tmp_path / "link2").symlink_to(tmp_path / "other")
     with pytest.raises(C.CheckpointError, match="not a tinyinterp checkpoint"):
-        C.save_model(HookedTransformer.from_config(CFG), tmp_path / "d")
-    assert (tmp_path / "d" / "precious.txt").read_text() == "x"
+        C.save_model(model1, tmp_path / "link2")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(C.CheckpointError, match="cannot be resolved"):
+        C.save_model(model1, tmp_path / "loop")
+    assert (tmp_path / "other" / "x.txt").read_text() == "x"
+
+
+def test_leftovers_are_cleaned_only_when_they_are_ours(tmp_path, model1):
+    path = tmp_path / "ck"
+    C.save_model(model1, path)
+    # a half-written temp dir and a half-removed old copy (a SIGKILL's leftovers)
+    (tmp_path / ".ck.tmp").mkdir()
+    (tmp_path / ".ck.tmp" / C.PARAMS_FILE).write_bytes(b"half")
+    shutil.copytree(path, tmp_path / ".ck.old")
+    (tmp_path / ".ck.old" / C.PARAMS_FILE).unlink()
+    C.save_model(model1, path)
+    assert listing(tmp_path) == ["ck"]
+    # something of the user's under those names is refused and left alone
+    for name in (".ck.tmp", ".ck.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine.txt").write_text("x")
+        before = snapshot(tmp_path)
+        with pytest.raises(C.CheckpointError, match=f"{name} is in the way"):
+            C.save_model(model1, path)
+        assert snapshot(tmp_path) == before
+        shutil.rmtree(tmp_path / name)
+
+
+def test_params_that_do_not_fit_the_config_are_not_saved(tmp_path, model1):
+    from types import SimpleNamespace
+
+    params = jax.tree_util.tree_map(lambda x: x, model1.params)
+    params["blocks"][0]["attn"]["W_O"] = jnp.zeros((3, 4, 16), jnp.float32)
+    with pytest.raises(C.CheckpointError, match=r"W_O.*shape \(3, 4, 16\).*\(4, 4, 16\)"):
+        C.save_model(SimpleNamespace(cfg=CFG, params=params), tmp_path / "m")
+    with pytest.raises(TypeError, match="step must be an int"):
+        C.save_checkpoint(tmp_path / "m", params=model1.params, step=2.5)
+    assert listing(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- corrupt files
@@ -331,3 +458,111 @@ def test_any_truncation_or_flipped_byte_in_array_files(saved_once, tmp_path_fact
         f.write_bytes(data[:at])
     with pytest.raises(C.CheckpointError, match=fname):
         load(path, template)
+
+
+# ----------------------------------------------------------------------------- malformed fields
+@pytest.mark.parametrize("field, value, match", [
+    ("step", "5", r"field 'step' is '5', expected an int >= 0"),
+    ("step", 5.5, r"field 'step' is 5.5"),
+    ("step", -1, r"field 'step' is -1"),
+    ("step", True, r"field 'step' is True"),
+    ("kind", "weights", r"field 'kind' is 'weights'"),
+    ("files", [], r"field 'files' is \[\]"),
+    ("files", {C.PARAMS_FILE: "abc"}, r"files entry 'params.safetensors': 'abc' is malformed"),
+    ("files", {C.PARAMS_FILE: {"bytes": "10", "sha256": "0" * 64}}, r"files entry.*malformed"),
+    ("files", {C.PARAMS_FILE: {"bytes": 10}}, r"files entry.*malformed"),
+    ("files", {C.PARAMS_FILE: {"bytes": 10, "sha256": "xyz"}}, r"files entry.*malformed"),
+    ("files", {"../../etc/passwd": {"bytes": 10, "sha256": "0" * 64}}, r"files entry '../../etc"),
+    ("history", [1, 2], r"field 'history' is \[1, 2\], expected a dict or null"),
+    ("model_config", "gpt2", r"field 'model_config' is 'gpt2'"),
+    ("train_config", 3, r"field 'train_config' is 3"),
+    ("has_opt_state", "yes", r"field 'has_opt_state' is 'yes'"),
+    ("rng_impl", 7, r"field 'rng_impl' is 7"),
+])
+def test_malformed_config_fields(saved, field, value, match):
+    path, template = saved
+    edit_config(path, lambda d: d.update({field: value}))
+    with pytest.raises(C.CheckpointError, match="config.json: " + match):
+        load(path, template)
+    with pytest.raises(C.CheckpointError, match=match):
+        C.load_model(path)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda mc: mc.update(initializer_range="0.1"), "initializer_range must be a number"),
+    (lambda mc: mc.update(d_model="16"), "d_model must be an int"),
+    (lambda mc: mc.pop("d_model") and mc.update(d_modle=16), "unknown fields"),
+])
+def test_malformed_model_config(saved, edit, match):
+    path, _ = saved
+    edit_config(path, lambda d: edit(d["model_config"]))
+    with pytest.raises(C.CheckpointError, match="config.json: invalid model_config.*" + match):
+        C.load_model(path)
+
+
+def rewrite_params(path: Path, fn) -> None:
+    """Replace params.safetensors by fn(arrays) and record its size and hash, as a save would."""
+    import hashlib
+
+    import safetensors.numpy
+
+    arrays = fn(safetensors.numpy.load_file(str(path / C.PARAMS_FILE)))
+    data = safetensors.numpy.save(arrays)
+    (path / C.PARAMS_FILE).write_bytes(data)
+    edit_config(path, lambda d: d["files"].update({C.PARAMS_FILE: {
+        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float64, np.float16])
+def test_params_stored_with_another_dtype_are_refused(saved, dtype):
+    path, template = saved
+    rewrite_params(path, lambda a: {k: v.astype(dtype) for k, v in a.items()})
+    name = np.dtype(dtype).name
+    with pytest.raises(C.CheckpointError, match=rf"params.safetensors: parameter '.*' is stored "
+                                                rf"as {name}; .* float32"):
+        C.load_model(path)
+    with pytest.raises(C.CheckpointError, match=rf"params.safetensors: parameter .* as {name}"):
+        load(path, template)
+    params = HookedTransformer.from_config(CFG).params  # train's path: a template's dtypes
+    with pytest.raises(C.CheckpointError, match=rf"params.safetensors: array .* dtype {name}"):
+        C.load_checkpoint(path, params_template=params)
+
+
+def test_params_with_wrong_shape_name_the_leaf(saved):
+    path, _ = saved
+    rewrite_params(path, lambda a: {**a, "embed.W_E": np.zeros((4, 16), np.float32)})
+    with pytest.raises(C.CheckpointError, match=r"params.safetensors: .*'embed.W_E' has shape "
+                                                r"\(4, 16\), the config expects \(11, 16\)"):
+        C.load_model(path)
+
+
+@pytest.mark.parametrize("which", [C.CONFIG_FILE, C.PARAMS_FILE, C.STATE_FILE])
+def test_permission_errors_are_checkpoint_errors(saved, monkeypatch, which):
+    """(Tests run as root, where chmod does not deny reads: the denial is injected.)"""
+    path, template = saved
+    real = Path.read_bytes
+
+    def denied(self):
+        if self.name == which:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(C.CheckpointError, match=f"{which}: cannot be read \\(Permission denied\\)"):
+        load(path, template)
+
+
+def test_unreadable_folder_is_a_checkpoint_error(tmp_path, monkeypatch):
+    def denied(self, *a, **kw):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "stat", denied)
+    with pytest.raises(C.CheckpointError, match="cannot be accessed \\(Permission denied\\)"):
+        C.load_model(tmp_path / "ck")
+
+
+def test_unwritable_parent_is_refused_before_writing(tmp_path, model1, monkeypatch):
+    monkeypatch.setattr(C.os, "access", lambda p, mode: False)
+    with pytest.raises(C.CheckpointError, match="no permission to write in"):
+        C.save_model(model1, tmp_path / "ck")
+    assert listing(tmp_path) == []

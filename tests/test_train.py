@@ -121,6 +121,43 @@ def test_resume_is_bitwise_identical(tmp_path):
         train(CFG, TASK, TC.replace(lr=1e-3), out_dir=tmp_path / "cut", resume=True)
 
 
+def test_an_interrupted_save_is_resumed_never_retrained_or_deleted(tmp_path):
+    """A SIGKILL between a save's two renames leaves only out/.checkpoint.old. A new run there is
+    refused (it would delete that only copy); resume=True moves it back and continues from it."""
+    import os
+
+    train(CFG, TASK, TC, out_dir=tmp_path, callback=lambda info: info["step"] < 16)
+    os.replace(tmp_path / "checkpoint", tmp_path / ".checkpoint.old")
+    with pytest.raises(FileExistsError, match="interrupted save"):
+        train(CFG, TASK, TC, out_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint.old"]
+    with pytest.warns(UserWarning, match="interrupted"):
+        cfg, task, tc = resume_task(tmp_path)
+    seen = []
+    with pytest.warns(UserWarning, match="moved back"):
+        resumed = train(cfg, task, tc, out_dir=tmp_path, resume=True,
+                        callback=lambda info: seen.append(info["step"]))
+    assert seen == [24] and resumed.history["step"] == list(range(24))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert C.read_config(tmp_path / "checkpoint")["step"] == 24
+
+
+@pytest.mark.parametrize("what", ["file", "foreign_folder"])
+def test_a_run_that_could_not_save_fails_before_training(tmp_path, what):
+    if what == "file":
+        (tmp_path / "checkpoint").write_text("x")
+        match = "is an existing file"
+    else:
+        (tmp_path / "checkpoint").mkdir()
+        (tmp_path / "checkpoint" / "config.json").write_text('{"model_type": "gpt2"}')
+        match = "not a tinyinterp checkpoint"
+    seen = []
+    for overwrite in (False, True):
+        with pytest.raises(C.CheckpointError, match=match):
+            train(CFG, TASK, TC, out_dir=tmp_path, overwrite=overwrite, callback=seen.append)
+    assert seen == []  # not a single step was trained
+
+
 # --------------------------------------------------------------------------- NaN guard
 def _quadratic_sample(key, batch_size):
     return {"x": jax.random.normal(key, (batch_size, 3), dtype=jnp.float32)}
@@ -263,3 +300,140 @@ def test_train_loss_is_the_task_loss():
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
     assert set(metrics) == {"answer_loss"}
     np.testing.assert_allclose(float(metrics["answer_loss"]), float(expected), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- interrupted saves
+# A subprocess (so that SIGKILL can strike for real) saves a training checkpoint over and over
+# into run/checkpoint, in forked children that it kills: once before every single filesystem step
+# of a save (and halfway through every file write), then at random moments with SIGKILL and with
+# SIGINT. After each kill it copies run/ aside. The test then checks every copy: load_model and
+# train(resume=True) both find a complete checkpoint, the resumed run ends bitwise equal to one
+# never interrupted, and its save leaves nothing else behind.
+KILL_SCRIPT = r"""
+import json, os, random, shutil, signal, sys, time
+from pathlib import Path
+from tinyinterp import checkpoint as C
+
+t_start = time.perf_counter()
+src, work, n_random, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+config = json.loads((src / C.CONFIG_FILE).read_text())
+config.pop("files")
+files = {name: (src / name).read_bytes() for name in (C.PARAMS_FILE, C.STATE_FILE)}
+out, rng = work / "run", random.Random(seed)
+dst = out / "checkpoint"
+
+def fresh():
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copytree(src, dst)
+
+def save(i):
+    config["extra"] = {"save": i}
+    C._atomic_write_dir(dst, files, config)
+
+def in_child(fn):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn()
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    return pid
+
+def kill_at(k, torn):
+    # SIGKILL this process just before filesystem step k of the save (or, torn: halfway
+    # through step k if it is a file write)
+    count = [0]
+    def wrap(fn, is_write=False):
+        def wrapped(*a, **kw):
+            if count[0] == k:
+                if torn and is_write:
+                    with open(a[0], "wb") as f:
+                        f.write(a[1][: len(a[1]) // 2])
+                        f.flush()
+                        os.fsync(f.fileno())
+                if not torn or is_write:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            count[0] += 1
+            return fn(*a, **kw)
+        return wrapped
+    C._write_file = wrap(C._write_file, is_write=True)
+    C._fsync_dir, C._remove_ours = wrap(C._fsync_dir), wrap(C._remove_ours)
+    os.replace, os.rmdir, os.unlink, os.mkdir = map(wrap, (os.replace, os.rmdir, os.unlink,
+                                                           os.mkdir))
+    save(1)
+    os._exit(0 if count[0] <= k else 3)  # 0: k is past the save's last step; 3: not a write
+
+n_states = 0
+for torn in (False, True):
+    for k in range(100):
+        fresh()
+        _, status = os.waitpid(in_child(lambda: kill_at(k, torn)), 0)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            break
+        if os.WIFEXITED(status):
+            continue
+        shutil.copytree(out, work / "states" / f"step{k}{'-torn' * torn}", symlinks=True)
+        n_states += 1
+fresh()
+t0 = time.perf_counter()
+for i in range(5):
+    save(i)
+per_save = (time.perf_counter() - t0) / 5
+for j in range(n_random):
+    sig = (signal.SIGKILL, signal.SIGINT)[j % 2]
+    fresh()
+    pid = in_child(lambda: [save(i) for i in range(10**9)])
+    time.sleep(rng.uniform(0, 3 * per_save))
+    os.kill(pid, sig)
+    os.waitpid(pid, 0)
+    shutil.copytree(out, work / "states" / f"random{j}-{sig.name}", symlinks=True)
+print(json.dumps({"steps": n_states, "per_save_s": per_save, "s": time.perf_counter() - t_start}))
+"""
+
+
+def test_killed_saves_leave_a_checkpoint_that_loads_and_resumes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import warnings
+    from pathlib import Path
+
+    tc = TC  # (shares its compiled code with the tests above)
+    reference = train(CFG, TASK, tc)
+    train(CFG, TASK, tc, out_dir=tmp_path / "src", callback=lambda info: info["step"] < 16)
+    assert C.read_config(tmp_path / "src/checkpoint")["step"] == 16
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "src/checkpoint"),
+                           str(tmp_path / "work"), "8", "0"], cwd=repo, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["steps"] >= 10  # every step of a replacing save was struck at least once
+    states = sorted((tmp_path / "work/states").iterdir())
+    assert len(states) == info["steps"] + 8
+    kinds = set()
+    for state in states:
+        names = sorted(p.name for p in state.iterdir())
+        kinds.add(tuple(names))
+        if "SIGINT" in state.name:  # SIGINT is held until the save is done: nothing is left
+            assert names == ["checkpoint"], (state.name, names)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = C.load_model(state / "checkpoint")
+        assert trees_equal(model.params, C.load_model(tmp_path / "src/checkpoint").params)
+        assert bool(caught) == ("checkpoint" not in names), (state.name, names)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the .old recovery warns)
+            seen: list[int] = []
+            resumed = train(CFG, TASK, tc, out_dir=state, resume=True,
+                            callback=lambda info, seen=seen: seen.append(info["step"]))
+        assert seen == [24], (state.name, seen)  # resumed at step 16, not from 0
+        assert resumed.history["step"] == list(range(24)), state.name
+        assert trees_equal(resumed.params, reference.params), state.name
+        assert sorted(p.name for p in state.iterdir()) == ["checkpoint"], state.name
+    # the kills produced every kind of leftover: none, a temp dir, an old copy, only the old copy
+    assert {("checkpoint",), (".checkpoint.tmp", "checkpoint"), (".checkpoint.old", "checkpoint"),
+            (".checkpoint.old", ".checkpoint.tmp")} <= kinds, kinds

@@ -176,7 +176,19 @@ def check_params(params: Params, cfg: TransformerConfig) -> None:
     if isinstance(blocks, (list, tuple)) and len(blocks) != cfg.n_layers:
         raise ValueError(f"params has {len(blocks)} blocks but the config has "
                          f"n_layers={cfg.n_layers}")
-    flat = flatten_params(params)
+    flat: dict = {}
+
+    def walk(node, prefix: str) -> None:  # dicts, and the list of blocks; anything else is a leaf
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif prefix == "blocks" and isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"blocks.{i}")
+        else:
+            flat[prefix] = node
+
+    walk(params, "")
     expected = _abstract_params(cfg)
     missing = [k for k in expected if k not in flat]
     unexpected = [k for k in flat if k not in expected]
