@@ -345,3 +345,97 @@ def task_from_dict(d: dict[str, Any]) -> Task:
     """Inverse of ``Task.to_dict``."""
     d = dict(d)
     return get_task(d.pop("name"), **d)
+
+
+# ----------------------------------------------------------------------------- fixed-split tasks
+@dataclasses.dataclass(frozen=True)
+class ModularAdditionSplit:
+    """The ``modular-addition`` task of Nanda et al. (2023): every pair ``(a, b)`` of ``[0, p)``,
+    shown as the three tokens ``a b =`` (``=`` is token ``p``, so ``d_vocab = p + 1``), with the
+    answer ``(a + b) mod p`` read from the logits at the last position (``d_vocab_out = p``), and a
+    fixed random ``train_fraction`` of the p^2 pairs for training, the rest held out.
+
+    Unlike the sampled ``modular_addition`` task (``a b = c``, random pairs each batch, for
+    ``tinyinterp train``), the model never sees the held-out pairs, which is what grokking is
+    about. Rows are in ``pair = a * p + b`` order (the order the Fourier analysis expects).
+
+    ``tokens`` int32 [pair, 3]; ``labels`` int32 [pair]; ``is_train`` bool [pair];
+    ``train_idx`` / ``test_idx`` int32 row indices (sorted); ``token_labels`` ["0", ..., "p-1", "="].
+    """
+
+    p: int
+    train_fraction: float
+    seed: int
+    tokens: np.ndarray = dataclasses.field(repr=False, compare=False)
+    labels: np.ndarray = dataclasses.field(repr=False, compare=False)
+    is_train: np.ndarray = dataclasses.field(repr=False, compare=False)
+
+    name = "modular-addition"
+    seq_len = 3
+
+    @property
+    def d_vocab(self) -> int:
+        """Input vocabulary: the p numbers and ``=``."""
+        return self.p + 1
+
+    @property
+    def d_vocab_out(self) -> int:
+        """Output classes: the p residues."""
+        return self.p
+
+    @property
+    def eq_token(self) -> int:
+        return self.p
+
+    @property
+    def token_labels(self) -> tuple[str, ...]:
+        return tuple(str(i) for i in range(self.p)) + ("=",)
+
+    @property
+    def train_idx(self) -> np.ndarray:
+        return np.flatnonzero(self.is_train).astype(np.int32)
+
+    @property
+    def test_idx(self) -> np.ndarray:
+        return np.flatnonzero(~self.is_train).astype(np.int32)
+
+    def describe(self, row: int) -> str:
+        """One example in words, e.g. ``'3 + 5 = 8 (mod 7), train'``."""
+        a, b, _ = (int(t) for t in self.tokens[row])
+        split = "train" if self.is_train[row] else "test"
+        return f"{a} + {b} = {int(self.labels[row])} (mod {self.p}), {split}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description; ``modular_addition_split(**d)`` rebuilds the same split."""
+        return {"p": self.p, "train_fraction": self.train_fraction, "seed": self.seed}
+
+
+def modular_addition_split(p: int = 113, train_fraction: float = 0.3,
+                           seed: int = 0) -> ModularAdditionSplit:
+    """All p^2 pairs ``a b =`` -> ``(a + b) mod p`` with a seeded train/test split (see
+    ``ModularAdditionSplit``). ``floor(train_fraction * p^2)`` pairs train, chosen by a
+    permutation from ``numpy.random.default_rng(seed)``: the same (p, fraction, seed) always gives
+    the same split. Defaults are the paper's (p = 113, 30%)."""
+    if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 2:
+        raise ValueError(f"task 'modular-addition': p must be an int >= 2, got {p!r}")
+    if not (isinstance(train_fraction, (int, float)) and 0.0 < train_fraction < 1.0):
+        raise ValueError(f"task 'modular-addition': train_fraction must be in (0, 1) (a share of "
+                         f"the p^2 pairs; both splits need examples), got {train_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"task 'modular-addition': seed must be an int >= 0, got {seed!r}")
+    p = int(p)
+    n_train = int(train_fraction * p * p)
+    if not 1 <= n_train < p * p:
+        raise ValueError(f"task 'modular-addition': train_fraction={train_fraction} of {p * p} pairs "
+                         f"gives {n_train} training pairs; choose a fraction that leaves both "
+                         "splits non-empty")
+    a, b = np.divmod(np.arange(p * p, dtype=np.int32), np.int32(p))  # pair = a * p + b
+    tokens = np.stack([a, b, np.full_like(a, p)], axis=1).astype(np.int32)  # [pair, 3]
+    is_train = np.zeros(p * p, bool)
+    is_train[np.random.default_rng(int(seed)).permutation(p * p)[:n_train]] = True
+    for arr in (tokens, is_train):
+        arr.setflags(write=False)
+    labels = ((a + b) % p).astype(np.int32)
+    labels.setflags(write=False)
+    return ModularAdditionSplit(p=p, train_fraction=float(train_fraction), seed=int(seed),
+                                tokens=tokens, labels=labels, is_train=is_train)
