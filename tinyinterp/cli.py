@@ -220,12 +220,12 @@ def _new_settings(args):
     from tinyinterp.train import CHECKPOINT_DIR, TrainConfig
 
     ckpt = Path(args.out) / CHECKPOINT_DIR
+    checkpoint.check_save_path(ckpt)
     found = checkpoint.find_checkpoint(ckpt, run_dir=False)
     if found is not None and not args.overwrite:
         raise FileExistsError(f"{args.out} already holds a run (checkpoint {found}); pass "
                               "--resume to continue it, --overwrite to replace it, or choose "
                               "another --out")
-    checkpoint.check_save_path(ckpt)
     task = get_task(args.task or "repeated_tokens", **_task_options(args.task_option))
     m = {name: _given(args, name, _MODEL_DEFAULTS) for name in _MODEL_DEFAULTS}
     if m["n_heads"] <= 0 or m["d_model"] <= 0 or m["d_model"] % m["n_heads"]:
