@@ -428,6 +428,9 @@ def test_missing_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(C.CheckpointError, match=r"empty/config.json: missing"):
         C.load_model(tmp_path / "empty")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(C.CheckpointError, match=r"file is a file; a tinyinterp checkpoint is a dir"):
+        C.load_model(tmp_path / "file")
     C.save_model(HookedTransformer.from_config(CFG), tmp_path / "bare")
     with pytest.raises(C.CheckpointError, match="no optimizer state"):
         C.load_checkpoint(tmp_path / "bare", opt_state_template={"x": jnp.zeros(1)})

@@ -520,6 +520,9 @@ def _resolve(path: Path) -> Path:
         return found
     if not _exists(path):
         raise CheckpointError(f"no checkpoint at {path}: the directory does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; a tinyinterp checkpoint is a directory (with "
+                              f"{CONFIG_FILE} and {PARAMS_FILE})")
     raise CheckpointError(f"{path / CONFIG_FILE}: missing; {path} is not a tinyinterp checkpoint "
                           f"(expected {CONFIG_FILE} and {PARAMS_FILE})")
 
