@@ -38,9 +38,10 @@ How the fused kernels are fast:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
-from numba.extending import intrinsic
-from tinyinterp.kernels.simd import (
+from numba import njit
+
+from .simd import (
+    FASTMATH,
     LANES,
     vadd,
     vexp_le0,
@@ -57,21 +58,14 @@ from tinyinterp.kernels.simd import (
     vtranspose,
     vzero,
 )
-
-# No 'nnan'/'ninf': NaN and inf must propagate exactly as in the XLA reference.
-FASTMATH = {"contract", "reassoc", "nsz", "arcp", "afn"}
+from .work import FfiKernel, claim, lead_folded3, lead_folded4
 
 _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
 
 
-# Work distribution: every kernel computes work items of (batch, head) slices. It is called with
-# one item that its caller already claimed (``first``) and claims more from a shared counter
-# (counter[0] is the next unclaimed item) until none are left; it returns how many it computed.
-# The FFI handlers (kernels/ffi.py) run a kernel on several of XLA's own threads at once, all
-# sharing one counter: that balances load when a thread is descheduled (shared machines). Each
-# slice is computed by one thread in a fixed order, so results do not depend on the number of
-# threads. To run a kernel on one thread: kernel(..., np.ones(1, np.int64), 0).
+# Work distribution (kernels/work.py): every kernel here computes work items of (batch, head)
+# slices, ``first`` and then those claimed from a shared counter; it returns how many it computed.
 # An item is all heads of one batch row when there are enough batch rows (work_items): the heads
 # of a position sit next to each other in memory, so one thread then reads and writes whole runs
 # of cache lines. With one head per item the two threads took alternate heads, i.e. alternate
@@ -87,23 +81,6 @@ def work_items(n_batch, n_heads):
     slices bh = i * per_item ... (i + 1) * per_item - 1, with b = bh // n_heads, h = bh % n_heads."""
     per_item = n_heads if n_batch >= 2 * _ROWS_PER_THREAD else 1
     return (n_batch * n_heads + per_item - 1) // per_item, per_item
-
-
-@intrinsic
-def _fetch_add(typingctx, counter, value):
-    """Atomically counter[0] += value; returns the old value (a work queue shared by threads)."""
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        return builder.atomic_rmw("add", ary.data, args[1], "monotonic")
-
-    return types.int64(counter, types.int64), codegen
-
-
-@njit(cache=True, inline="always")
-def _claim(counter):
-    """The next unclaimed item of a shared counter (the caller stops once it is past the last)."""
-    return _fetch_add(counter, 1)
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -353,7 +330,7 @@ def _accumulate_outer(acc, n, w, rows, i0, n_cols):
 @njit(cache=True, fastmath=FASTMATH)
 def attention_fwd(q, k, v, offsets, scale, z, lse, scores, pattern, counter, first):
     """Fused causal attention forward for (batch, head) items: ``first`` (already claimed), then
-    items claimed from ``counter`` (see _claim) until none are left. Returns how many it computed.
+    items claimed from ``counter`` (kernels/work.py) until none are left. Returns how many it computed.
 
     Writes z [b, pos, h, d] and lse [b, h, pos], and, unless they are empty (shape[0] == 0), the
     scaled masked scores and the pattern [b, h, q, k] too. q, k, v are [b, pos, heads', d]; head
@@ -414,7 +391,7 @@ def attention_fwd(q, k, v, offsets, scale, z, lse, scores, pattern, counter, fir
                 for r in range(rows):
                     _scale_row(zb[r], z[b, i0 + r, h], _ONE / totals[r])
         count += 1
-        item = _claim(counter)
+        item = claim(counter)
     return count
 
 
@@ -492,7 +469,7 @@ def attention_bwd(q, k, v, offsets, z, lse, dz, scale, dq, dk, dv, counter, firs
                 _scale_row(dkp[t], dk[b, t, hk], _ONE)
                 _scale_row(dvp[t], dv[b, t, hv], _ONE)
         count += 1
-        item = _claim(counter)
+        item = claim(counter)
     return count
 
 
@@ -557,7 +534,7 @@ def scores_fwd(q, k, scale, scores, counter, first):
         for bh in range(item * per_item, min((item + 1) * per_item, n_batch * n_heads)):
             _scores_slice(q, k, bh // n_heads, bh % n_heads, scale, scores)
         count += 1
-        item = _claim(counter)
+        item = claim(counter)
     return count
 
 
@@ -611,7 +588,7 @@ def scores_bwd(q, k, dscores, scale, dq, dk, counter, first):
         for bh in range(item * per_item, min((item + 1) * per_item, n_batch * n_heads)):
             _scores_bwd_slice(q, k, dscores, bh // n_heads, bh % n_heads, scale, dq, dk)
         count += 1
-        item = _claim(counter)
+        item = claim(counter)
     return count
 
 
@@ -654,7 +631,7 @@ def apply_fwd(pattern, v, z, counter, first):
         for bh in range(item * per_item, min((item + 1) * per_item, n_batch * n_heads)):
             _apply_slice(pattern, v, bh // n_heads, bh % n_heads, z)
         count += 1
-        item = _claim(counter)
+        item = claim(counter)
     return count
 
 
@@ -702,5 +679,120 @@ def apply_bwd(pattern, v, dz, dpattern, dv, counter, first):
         for bh in range(item * per_item, min((item + 1) * per_item, n_batch * n_heads)):
             _apply_bwd_slice(pattern, v, dz, bh // n_heads, bh % n_heads, dpattern, dv)
         count += 1
-        item = _claim(counter)
+        item = claim(counter)
     return count
+
+
+# ---- how the XLA FFI binding runs these kernels (kernels/ffi.py, kernels/work.py: FfiKernel) ---
+# Every buffer is [*lead, ...]: under jax.vmap (vmap_method "broadcast_all") each carries the same
+# extra leading dimensions, folded here into the batch. Work items are (batch, head) slices of
+# the folded batch (work_items), counted from z (or q for the scores kernels, v for apply).
+
+
+@njit(cache=True, inline="always")
+def _head_items(shape):
+    """The number of work items of a kernel over a [*lead, pos, head, d] buffer of this shape."""
+    r = shape.shape[0]
+    lead = 1
+    for i in range(r - 3):
+        lead *= shape[i]
+    return work_items(lead, shape[r - 2])[0]
+
+
+@njit(cache=True, inline="always")
+def _packed(flat, shape):
+    """A [*lead, pos, 3, head, d] buffer (q, k, v packed) as [prod(lead), pos, 3 * head, d] and its
+    number of heads: q, k, v of head h are at head index h, head + h, 2 head + h."""
+    r = shape.shape[0]
+    lead = 1
+    for i in range(r - 4):
+        lead *= shape[i]
+    n_heads = shape[r - 2]
+    return flat.reshape((lead, shape[r - 4], 3 * n_heads, shape[r - 1])), n_heads
+
+
+@njit(cache=True, inline="always")
+def _run_attention_fwd(bufs, shapes, scale, counter, first):
+    """args q, k, v; rets z, lse, scores, pattern (an empty scores or pattern is not written)."""
+    return attention_fwd(lead_folded4(bufs[0], shapes[0]), lead_folded4(bufs[1], shapes[1]),
+                         lead_folded4(bufs[2], shapes[2]), (0, 0, 0), scale,
+                         lead_folded4(bufs[3], shapes[3]), lead_folded3(bufs[4], shapes[4]),
+                         lead_folded4(bufs[5], shapes[5]), lead_folded4(bufs[6], shapes[6]),
+                         counter, first)
+
+
+@njit(cache=True, inline="always")
+def _run_attention_bwd(bufs, shapes, scale, counter, first):
+    """args q, k, v, z, lse, dz; rets dq, dk, dv."""
+    return attention_bwd(lead_folded4(bufs[0], shapes[0]), lead_folded4(bufs[1], shapes[1]),
+                         lead_folded4(bufs[2], shapes[2]), (0, 0, 0),
+                         lead_folded4(bufs[3], shapes[3]), lead_folded3(bufs[4], shapes[4]),
+                         lead_folded4(bufs[5], shapes[5]), scale, lead_folded4(bufs[6], shapes[6]),
+                         lead_folded4(bufs[7], shapes[7]), lead_folded4(bufs[8], shapes[8]),
+                         counter, first)
+
+
+@njit(cache=True, inline="always")
+def _run_attention_fwd_packed(bufs, shapes, scale, counter, first):
+    """arg qkv [*lead, pos, 3, head, d]; rets z, lse, scores, pattern."""
+    x, n_heads = _packed(bufs[0], shapes[0])
+    return attention_fwd(x, x, x, (0, n_heads, 2 * n_heads), scale,
+                         lead_folded4(bufs[1], shapes[1]), lead_folded3(bufs[2], shapes[2]),
+                         lead_folded4(bufs[3], shapes[3]), lead_folded4(bufs[4], shapes[4]),
+                         counter, first)
+
+
+@njit(cache=True, inline="always")
+def _run_attention_bwd_packed(bufs, shapes, scale, counter, first):
+    """args qkv, z, lse, dz; ret dqkv (laid out as qkv)."""
+    x, n_heads = _packed(bufs[0], shapes[0])
+    dx, _ = _packed(bufs[4], shapes[4])
+    return attention_bwd(x, x, x, (0, n_heads, 2 * n_heads), lead_folded4(bufs[1], shapes[1]),
+                         lead_folded3(bufs[2], shapes[2]), lead_folded4(bufs[3], shapes[3]),
+                         scale, dx, dx, dx, counter, first)
+
+
+@njit(cache=True, inline="always")
+def _run_scores_fwd(bufs, shapes, scale, counter, first):
+    """args q, k; ret scores."""
+    return scores_fwd(lead_folded4(bufs[0], shapes[0]), lead_folded4(bufs[1], shapes[1]), scale,
+                      lead_folded4(bufs[2], shapes[2]), counter, first)
+
+
+@njit(cache=True, inline="always")
+def _run_scores_bwd(bufs, shapes, scale, counter, first):
+    """args q, k, dscores; rets dq, dk."""
+    return scores_bwd(lead_folded4(bufs[0], shapes[0]), lead_folded4(bufs[1], shapes[1]),
+                      lead_folded4(bufs[2], shapes[2]), scale, lead_folded4(bufs[3], shapes[3]),
+                      lead_folded4(bufs[4], shapes[4]), counter, first)
+
+
+@njit(cache=True, inline="always")
+def _run_apply_fwd(bufs, shapes, scale, counter, first):
+    """args pattern, v; ret z."""
+    return apply_fwd(lead_folded4(bufs[0], shapes[0]), lead_folded4(bufs[1], shapes[1]),
+                     lead_folded4(bufs[2], shapes[2]), counter, first)
+
+
+@njit(cache=True, inline="always")
+def _run_apply_bwd(bufs, shapes, scale, counter, first):
+    """args pattern, v, dz; rets dpattern, dv."""
+    return apply_bwd(lead_folded4(bufs[0], shapes[0]), lead_folded4(bufs[1], shapes[1]),
+                     lead_folded4(bufs[2], shapes[2]), lead_folded4(bufs[3], shapes[3]),
+                     lead_folded4(bufs[4], shapes[4]), counter, first)
+
+
+# FfiKernel(args ranks, rets ranks, scale, batched, split buffer, items, run); shapes:
+# q, k, v, z, dz [b, pos, h, d]; lse [b, h, pos]; scores, pattern [b, h, q, k];
+# qkv [b, pos, 3, h, d].
+ATTENTION_FWD = FfiKernel((4, 4, 4), (4, 3, 4, 4), True, True, 3, _head_items, _run_attention_fwd)
+ATTENTION_BWD = FfiKernel((4, 4, 4, 4, 3, 4), (4, 4, 4), True, True, 3, _head_items,
+                          _run_attention_bwd)
+ATTENTION_FWD_PACKED = FfiKernel((5,), (4, 3, 4, 4), True, True, 1, _head_items,
+                                 _run_attention_fwd_packed)
+ATTENTION_BWD_PACKED = FfiKernel((5, 4, 3, 4), (5,), True, True, 1, _head_items,
+                                 _run_attention_bwd_packed)
+SCORES_FWD = FfiKernel((4, 4), (4,), True, True, 0, _head_items, _run_scores_fwd)
+SCORES_BWD = FfiKernel((4, 4, 4), (4, 4), True, True, 0, _head_items, _run_scores_bwd)
+APPLY_FWD = FfiKernel((4, 4), (4,), False, True, 1, _head_items, _run_apply_fwd)
+APPLY_BWD = FfiKernel((4, 4, 4), (4, 4), False, True, 1, _head_items, _run_apply_bwd)

@@ -7,7 +7,8 @@ output projection and the residual add in one pass over the row, so that none of
 intermediates leaves the core's caches (a row of the 2-layer benchmark model is 16 KiB of
 residual and 48 KiB of q, k, v). It is the forward of a model block when nobody reads or edits
 any of the sublayer's hook points; XLA runs the rest of the model (and every backward: the JAX
-side pairs this kernel with the unfused reference through ``jax.custom_vjp``).
+side pairs this kernel with the unfused reference: ``tinyinterp.fast.sublayer``,
+``with_reference_grad``).
 
 Below it, two row-chunked kernels for runs that read hook points inside the sublayer (a cache):
 ``qkv_fwd`` writes q, k, v from the normalized residual, ``attention_out_fwd`` writes hook_result
@@ -23,16 +24,18 @@ Layouts (float32, C-contiguous; ``rows`` = batch, ``n`` = head_index * d_head):
 
     resid, out                  [batch, pos, d_model]
     W                           [d_model, 3 * n]   q, k, v columns, head-major, the norm's weight
-    bias                        [3 * n]            and bias already folded in (model.fold_affine)
+    bias                        [3 * n]            and bias already folded in
+                                                   (tinyinterp.fast.sublayer._packed_weights)
     W_O                         [head_index, d_head, d_model]
     b_O                         [d_model]
     consts                      [3]                attention scale, norm eps, norm code (NORMS)
 
-The values are those of the reference path (tinyinterp/model.py) up to float32 rounding: sums run
-in a different order (vector partial sums; the bias starts the matmul's accumulator).
+The values are those of the reference path (``tinyinterp.model.attention_sublayer``) up to float32
+rounding: sums run in a different order (vector partial sums; the bias starts the matmul's
+accumulator; fast-math flags as in kernels/simd.py).
 
 Work items are batch rows, claimed from a shared counter like the attention kernels
-(kernels/attention.py: a row is computed by one thread in a fixed order, so the results do not
+(kernels/work.py: a row is computed by one thread in a fixed order, so the results do not
 depend on the number of threads). The matmuls use a register tile of 8 rows x 3 vectors of
 16 outputs (24 accumulators; ~170 GFLOP/s on one core here, against ~125 for 4 x 4); the caller
 guarantees that d_model and n are whole vectors (multiples of 16).
@@ -42,8 +45,10 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
-from tinyinterp.kernels.attention import FASTMATH, _claim, attention_fwd
-from tinyinterp.kernels.simd import (
+
+from .attention import attention_fwd
+from .simd import (
+    FASTMATH,
     LANES,
     vadd,
     vbroadcast,
@@ -56,6 +61,7 @@ from tinyinterp.kernels.simd import (
     vsub,
     vzero,
 )
+from .work import FfiKernel, claim
 
 NORMS = (None, "LN", "LNPre", "RMS", "RMSPre")  # norm code = index
 _ROWS = 8  # rows of a matmul register tile
@@ -164,7 +170,8 @@ def _row_sum(x, o, n):
 @njit(cache=True, fastmath=FASTMATH)
 def _normalize_row(x, o, n, norm, eps, dst, do):
     """dst[do:do + n] = the normalized row x[o:o + n] (before the norm's weight and bias, which
-    are folded into W), as model.normalize: x - mean (LN*), then x / sqrt(mean(x^2) + eps)."""
+    are folded into W), as tinyinterp.model.normalize: x - mean (LN*), then
+    x / sqrt(mean(x^2) + eps)."""
     if norm == 0:
         _copy(x, o, dst, do, n)
         return
@@ -223,7 +230,7 @@ def attention_block_fwd(resid, W, bias, W_O, b_O, consts, out, counter, first):
         for c in range(0, row_d, _L):
             vstore(ob, c, vadd(vload(x, c), vload(o, c)))
         count += 1
-        item = _claim(counter)
+        item = claim(counter)
     return count
 
 
@@ -254,8 +261,8 @@ def _chunk(x, width, n_rows, item, pad):
 @njit(cache=True, fastmath=FASTMATH)
 def qkv_fwd(x, W, bias, q, k, v, counter, first):
     """q, k, v [rows, n] = x [rows, d_model] @ W [d_model, 3 * n] + bias [3 * n], the columns
-    of W and bias being q's, then k's, then v's (model._packed_qkv_weights, the norm's weight and
-    bias folded in); n (= head_index * d_head) a multiple of 16.
+    of W and bias being q's, then k's, then v's (tinyinterp.fast.sublayer._packed_weights, the
+    norm's weight and bias folded in); n (= head_index * d_head) a multiple of 16.
 
     XLA runs these as three [rows, d_model + 1] @ [d_model + 1, n] matmuls (the bias as a row
     against a column of ones); here the same 8-row tiles as the fused sublayer write the three
@@ -275,7 +282,7 @@ def qkv_fwd(x, W, bias, q, k, v, counter, first):
             _matmul(xs, xo, d_model, rows, d_model, w_flat, c * n, 3 * n, n, bias, c * n,
                     outs[c], r0 * n, n, tile)
         count += 1
-        item = _claim(counter)
+        item = claim(counter)
     return count
 
 
@@ -287,8 +294,8 @@ def attention_out_fwd(z, W_O, b_O, result, out, counter, first):
         result[r, h] = z[r, h] @ W_O[h]                  [rows, head, d_model]
         out[r]       = z[r].ravel() @ W_O.reshape(head * d_head, d_model) + b_O    [rows, d_model]
 
-    as model._attention_out computes them (per_head_result, and the summed output as one
-    matmul), up to float32 rounding. d_model must be a multiple of 16 (d_head may be anything).
+    as tinyinterp.fast.sublayer._out_reference computes them (the per-head results, and their
+    sum plus b_O), up to float32 rounding. d_model must be a multiple of 16 (d_head may be anything).
 
     XLA writes hook_result as one matmul against a block-diagonal [head*d_head, head*d_model]
     matrix (head x the multiply-adds) or as a batched matmul with transposes; here each head's
@@ -315,5 +322,62 @@ def attention_out_fwd(z, W_O, b_O, result, out, counter, first):
         _matmul(x, xo, n, rows, n, w_flat, 0, d_model, d_model, b_O, 0, o_flat, r0 * d_model,
                 d_model, tile)
         count += 1
-        item = _claim(counter)
+        item = claim(counter)
     return count
+
+
+# ---- how the XLA FFI binding runs these kernels (kernels/ffi.py, kernels/work.py: FfiKernel) ---
+# They take weights, which jax.vmap may batch too, so the JAX side calls them with vmap_method
+# "sequential" (one call per vmapped element): the ranks are exact (no folded leading dims).
+
+
+@njit(cache=True, inline="always")
+def _row_items(shape):
+    """One work item per batch row of resid [batch, pos, d_model]."""
+    return shape[0]
+
+
+@njit(cache=True, inline="always")
+def _chunk_items(shape):
+    """Chunks of CHUNK_ROWS of the batch * pos rows of a [batch, pos, ...] buffer."""
+    return (shape[0] * shape[1] + CHUNK_ROWS - 1) // CHUNK_ROWS
+
+
+@njit(cache=True, inline="always")
+def _run_sublayer_fwd(bufs, shapes, scale, counter, first):
+    """args resid [b, pos, d_model], W [d_model, 3n], bias [3n], W_O [h, d, d_model],
+    b_O [d_model], consts [3]; ret out [b, pos, d_model]."""
+    s0, s3, s6 = shapes[0], shapes[3], shapes[6]
+    return attention_block_fwd(bufs[0].reshape((s0[0], s0[1], s0[2])), bufs[1], bufs[2],
+                               bufs[3].reshape((s3[0], s3[1], s3[2])), bufs[4], bufs[5],
+                               bufs[6].reshape((s6[0], s6[1], s6[2])), counter, first)
+
+
+@njit(cache=True, inline="always")
+def _run_qkv_fwd(bufs, shapes, scale, counter, first):
+    """args x [b, pos, d_model], W [d_model, 3n], bias [3n]; rets q, k, v [b, pos, h, d]."""
+    sx = shapes[0]
+    n_rows, d_model = sx[0] * sx[1], sx[2]
+    n = bufs[3].shape[0] // n_rows
+    return qkv_fwd(bufs[0].reshape((n_rows, d_model)), bufs[1].reshape((d_model, 3 * n)),
+                   bufs[2], bufs[3].reshape((n_rows, n)), bufs[4].reshape((n_rows, n)),
+                   bufs[5].reshape((n_rows, n)), counter, first)
+
+
+@njit(cache=True, inline="always")
+def _run_attention_out_fwd(bufs, shapes, scale, counter, first):
+    """args z [b, pos, h, d], W_O [h, d, d_model], b_O [d_model]; rets result
+    [b, pos, h, d_model], out [b, pos, d_model]."""
+    sz, sw = shapes[0], shapes[1]
+    n_rows, n_heads, d_model = sz[0] * sz[1], sz[2], sw[2]
+    return attention_out_fwd(bufs[0].reshape((n_rows, n_heads, sz[3])),
+                             bufs[1].reshape((sw[0], sw[1], d_model)), bufs[2],
+                             bufs[3].reshape((n_rows, n_heads, d_model)),
+                             bufs[4].reshape((n_rows, d_model)), counter, first)
+
+
+# FfiKernel(args ranks, rets ranks, scale, batched, split buffer, items, run)
+SUBLAYER_FWD = FfiKernel((3, 2, 1, 3, 1, 1), (3,), False, False, 0, _row_items, _run_sublayer_fwd)
+QKV_FWD = FfiKernel((3, 2, 1), (4, 4, 4), False, False, 0, _chunk_items, _run_qkv_fwd)
+ATTENTION_OUT_FWD = FfiKernel((4, 3, 1), (4, 3), False, False, 0, _chunk_items,
+                              _run_attention_out_fwd)

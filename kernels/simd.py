@@ -3,16 +3,30 @@
 Numba has no SIMD type, and LLVM's auto-vectoriser handles the short loops of attention on small
 heads badly: a loop over a few dozen keys spends much of its time in scalar remainders and
 horizontal reductions, and accumulators that it cannot prove unaliased go through memory on every
-step. These
-intrinsics give kernels a value type ``f32v`` that lowers to LLVM's ``<16 x float>``, so tiles of
-scores and accumulators stay in registers and every loop has a whole number of vectors.
+step. These intrinsics give kernels a value type ``f32v`` that lowers to LLVM's ``<16 x float>``,
+so tiles of scores and accumulators stay in registers and every loop has a whole number of
+vectors.
 
-16 lanes are one AVX-512 register; LLVM legalises them to two AVX or four SSE/NEON registers
-elsewhere, so the code is portable (Numba's own vectoriser stops at 8 lanes on AVX-512 CPUs).
+Width: ``LANES`` = 16 floats, one AVX-512 register; where the CPU has narrower vectors LLVM
+legalises one ``f32v`` into two AVX or four SSE/NEON registers, so the code is portable (the tile
+shapes, not the instruction set, fix the width). The kernels' shape rules follow from it: the
+fused sublayer needs d_model and head_index * d_head to be multiples of 16
+(``tinyinterp.fast.plan.LANES``). (LLVM's own vectoriser chooses a width per loop and CPU: on
+this machine's AMD EPYC (Zen 4, AVX-512) it used 16-lane zmm vectors for a plain dot-product
+loop as well.)
 
-Semantics are IEEE: no fast-math flags; ``vfma`` is ``llvm.fmuladd`` (fused where the CPU has
-FMA), so NaN and inf propagate as in the XLA reference. Every function here is
-deterministic: the reductions (``vhsum``, ``vhmax``) use a fixed pairwise order.
+Floating-point semantics: the primitives emit plain LLVM instructions without fast-math flags,
+but every kernel that uses them is compiled with ``fastmath=FASTMATH`` and Numba's fast-math pass
+adds those flags to every float add, subtract, multiply, divide and compare in the kernel, the
+vector ones from here included (checked in the LLVM IR of a kernel). So inside the kernels:
+``contract`` lets LLVM fuse a multiply and an add (``vfma`` is ``llvm.fmuladd``: fused where the
+CPU has FMA), ``reassoc`` lets it regroup sums (``vhsum`` emits a fixed pairwise tree, which
+the compiler may regroup), ``nsz``, ``arcp`` (x / y may become x * (1 / y)) and ``afn``
+(approximate library functions). Never ``nnan`` or ``ninf``: NaN and inf propagate as in the XLA
+reference. Results are deterministic: a compiled kernel is a fixed sequence of instructions, so
+the same inputs give the same bits on every run and for any number of threads, though not
+necessarily the bits of an unfused, unreassociated evaluation (the tests compare to float64
+references with float32 tolerances).
 
 Loads and stores take a 1-D contiguous float32 array and an element offset; the caller guarantees
 that ``offset + LANES <= len(array)`` (kernels pad their scratch buffers to whole vectors).
@@ -26,6 +40,10 @@ from numba import types
 from numba.extending import intrinsic, models, register_model
 
 LANES = 16
+
+# The fast-math flags every kernel is compiled with (see the module docstring). No 'nnan'/'ninf':
+# NaN and inf must propagate exactly as in the XLA reference.
+FASTMATH = {"contract", "reassoc", "nsz", "arcp", "afn"}
 
 _F32 = ir.FloatType()
 _I32 = ir.IntType(32)
@@ -62,7 +80,7 @@ def _splat(builder, x):
 
 
 def _vec_intrinsic(builder, name, n_args):
-    """Declare llvm.<name>.v8f32 taking n_args vectors (llvmlite cannot mangle vector types)."""
+    """Declare llvm.<name>.v16f32 taking n_args vectors (llvmlite cannot mangle vector types)."""
     from numba.core import cgutils
 
     fnty = ir.FunctionType(_VEC, [_VEC] * n_args)

@@ -424,31 +424,41 @@ def test_bad_inputs_give_clear_errors(backend):
 
 @needs_numba
 def test_ffi_handlers_reject_a_wrong_call_with_a_clear_error():
-    """Called directly with a buffer of the wrong rank, or without the 'scale' or 'task'
-    attribute, a handler returns an XLA error that says which check failed (it never reads out of
-    bounds or calls a null task)."""
-    from tinyinterp.kernels.ffi import task_address
+    """Called directly with a buffer of the wrong rank, without the 'scale', 'entry' or 'task'
+    attribute, with an attribute of the wrong type or name, or with another kernel's entry, the
+    one handler returns an XLA error that says which check failed (it never reads out of bounds
+    or calls a null task)."""
+    from tinyinterp.kernels.ffi import attributes
 
     x = jnp.zeros((1, 4, 2, 8), jnp.float32)
     z = jax.ShapeDtypeStruct(x.shape, jnp.float32)
     lse = jax.ShapeDtypeStruct((1, 2, 4), jnp.float32)
     none = jax.ShapeDtypeStruct((0, 0, 0, 0), jnp.float32)  # no scores, no pattern
-    call = jax.ffi.ffi_call("tinyinterp_attention_fwd", (z, lse, none, none))
-    task = np.int64(task_address("tinyinterp_attention_fwd"))
-    out = call(x, x, x, scale=np.float32(1.0), task=task)  # the right call works
+    attn.ffi.ensure_registered(attn.ffi.ATTENTION_FWD)
+    call = jax.ffi.ffi_call(attn.ffi.ATTENTION_FWD, (z, lse, none, none))
+    attrs = attributes(attn.ffi.ATTENTION_FWD)
+    entry, task = attrs["entry"], attrs["task"]
+    out = call(x, x, x, scale=np.float32(1.0), entry=entry, task=task)  # the right call works
     assert not np.any(np.isnan(np.asarray(out[0])))
     # (jax caches eager calls by attribute values, and np.int32(1) == np.float32(1.0): the
     # wrong scale below is 2)
     with pytest.raises(Exception, match="not float32 or does not have the expected rank"):
-        jax.block_until_ready(call(x, x, x[0], scale=np.float32(1.0), task=task))
+        jax.block_until_ready(call(x, x, x[0], scale=np.float32(1.0), entry=entry, task=task))
     with pytest.raises(Exception, match="unexpected XLA FFI call frame"):
-        jax.block_until_ready(call(x, x, x, task=task))
+        jax.block_until_ready(call(x, x, x, entry=entry, task=task))
     with pytest.raises(Exception, match="'scale' \\(a float32 scalar\\)"):
-        jax.block_until_ready(call(x, x, x, scale=np.int32(2), task=task))
-    with pytest.raises(Exception, match="'task'"):
-        jax.block_until_ready(call(x, x, x, scale=np.float32(1.0), task=np.int64(0)))
-    with pytest.raises(Exception, match="'task'"):
-        jax.block_until_ready(call(x, x, x, scale=np.float32(1.0), task=np.float32(1.0)))
+        jax.block_until_ready(call(x, x, x, scale=np.int32(2), entry=entry, task=task))
+    for wrong in ({"task": np.int64(0)}, {"task": np.float32(1.0)}, {"entry": np.int64(0)},
+                  {"entry": np.int32(3)}, {"extra": np.int64(1)}):
+        with pytest.raises(Exception, match="'entry' and 'task'"):
+            jax.block_until_ready(call(x, x, x, **{"scale": np.float32(1.0), "entry": entry,
+                                                   "task": task, **wrong}))
+    with pytest.raises(Exception, match="'entry' and 'task'"):
+        jax.block_until_ready(call(x, x, x, scale=np.float32(1.0), task=task))
+    # another kernel's entry checks the call against that kernel: 2 arguments, 1 result
+    other = attributes(attn.ffi.SCORES_FWD)["entry"]
+    with pytest.raises(Exception, match="unexpected XLA FFI call frame"):
+        jax.block_until_ready(call(x, x, x, scale=np.float32(1.0), entry=other, task=task))
 
 
 def test_resolve_backend():

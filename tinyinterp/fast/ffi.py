@@ -1,9 +1,11 @@
 """The JAX side of the Numba binding: the version gate, registration and one ``call`` helper.
 
-The Numba ``@cfunc`` handlers live in ``kernels/ffi.py`` (no JAX there). Each FFI target is
-registered with ``jax.ffi.register_ffi_target`` on its first use, so a run compiles (or loads from
-Numba's cache) only the kernels it calls. Registering targets with XLA is the one process-wide
-effect of this package: XLA's registry cannot forget a target, so it lasts for the process.
+The Numba ``@cfunc``s live in ``kernels/ffi.py`` (no JAX there): one handler, registered under
+every target name, one generic task and one kernel entry per target. Each target is registered
+with ``jax.ffi.register_ffi_target`` on its first use, and its kernel entry compiled (or loaded
+from Numba's cache) then, so a run compiles only the kernels it calls. Registering targets with
+XLA is the one process-wide effect of this package: XLA's registry cannot forget a target, so it
+lasts for the process. The target names come from the one table in ``kernels/targets.py``.
 """
 
 from __future__ import annotations
@@ -14,28 +16,29 @@ import re
 import threading
 
 import jax
-import numpy as np
 
-# The jaxlib releases whose xla/ffi/api/c_api.h kernels/ffi.py's call-frame offsets were checked
-# against (identical from 0.10.2 through 0.12.1). Outside this range the run-time probe still
-# decides, but the backend falls back to XLA with a warning rather than guess a layout.
+from tinyinterp.kernels import xla_ffi_abi
+from tinyinterp.kernels.targets import (  # noqa: F401 - the names the JAX side calls targets by
+    APPLY_BWD,
+    APPLY_FWD,
+    ATTENTION_BWD,
+    ATTENTION_BWD_PACKED,
+    ATTENTION_FWD,
+    ATTENTION_FWD_PACKED,
+    ATTENTION_OUT_FWD,
+    QKV_FWD,
+    SCORES_BWD,
+    SCORES_FWD,
+    SUBLAYER_FWD,
+    TARGETS,
+)
+
+# The jaxlib releases whose xla/ffi/api/c_api.h has the offsets named in kernels/xla_ffi_abi.py
+# (identical from 0.10.2 through 0.12.1; tests/test_ffi_abi.py checks the installed one). Outside
+# this range the run-time probe still decides, but the backend falls back to XLA with a warning
+# rather than guess a layout.
 TESTED_JAXLIB = ((0, 10, 2), (0, 12, 1))
-FFI_API_VERSION = (0, 3)
-
-# The FFI targets, by what they compute (the names kernels/ffi.py registers handlers under).
-ATTENTION_FWD = "tinyinterp_attention_fwd"  # z, lse, and scores / pattern if not empty
-ATTENTION_BWD = "tinyinterp_attention_bwd"
-ATTENTION_FWD_PACKED = "tinyinterp_attention_fwd_qkv"
-ATTENTION_BWD_PACKED = "tinyinterp_attention_bwd_qkv"
-SCORES_FWD = "tinyinterp_scores_fwd"
-SCORES_BWD = "tinyinterp_scores_bwd"
-APPLY_FWD = "tinyinterp_apply_fwd"
-APPLY_BWD = "tinyinterp_apply_bwd"
-SUBLAYER_FWD = "tinyinterp_attention_block_fwd"
-ATTENTION_OUT_FWD = "tinyinterp_attention_out_fwd"
-QKV_FWD = "tinyinterp_qkv_fwd"
-TARGETS = (ATTENTION_FWD, ATTENTION_BWD, ATTENTION_FWD_PACKED, ATTENTION_BWD_PACKED, SCORES_FWD,
-           SCORES_BWD, APPLY_FWD, APPLY_BWD, SUBLAYER_FWD, ATTENTION_OUT_FWD, QKV_FWD)
+FFI_API_VERSION = (xla_ffi_abi.FFI_API_MAJOR, xla_ffi_abi.FFI_API_MINOR)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -77,31 +80,33 @@ _register_lock = threading.Lock()
 
 
 def ensure_registered(target: str) -> str:
-    """Register an FFI target with XLA the first time it is used (its handler is compiled, or
-    loaded from Numba's cache, then)."""
+    """Register an FFI target with XLA the first time it is used (the one handler is compiled, or
+    loaded from Numba's cache, on the first registration; the target's kernel entry then too)."""
     if target not in TARGETS:
         raise ValueError(f"unknown FFI target {target!r}; known: {TARGETS}")
     if target not in _registered:
         with _register_lock:
             if target not in _registered:
-                from tinyinterp.kernels.ffi import handler
+                from tinyinterp.kernels.ffi import entry_address, handler_address
 
-                jax.ffi.register_ffi_target(target, _capsule(handler(target).address),
-                                            platform="cpu", api_version=1)
+                entry_address(target)
+                jax.ffi.register_ffi_target(target, _capsule(handler_address()), platform="cpu",
+                                            api_version=1)
                 _registered.add(target)
     return target
 
 
 def call(target: str, out, *, vmap_method: str = "broadcast_all"):
-    """``jax.ffi.ffi_call`` of a Numba target (registered on first use), passing the address of
-    the target's task as the attribute ``task`` (the handler runs it on XLA's thread pool; see
-    kernels/ffi.py). ``out``: a ShapeDtypeStruct or a tuple of them.
+    """``jax.ffi.ffi_call`` of a Numba target (registered on first use), passing the addresses of
+    the target's kernel entry and of the generic task as the attributes ``entry`` and ``task``
+    (the handler runs the task on XLA's thread pool; see kernels/ffi.py). ``out``: a
+    ShapeDtypeStruct or a tuple of them.
 
     vmap_method "broadcast_all" suits the attention kernels, whose handlers fold every leading
     dimension into the batch (one launch for a vmapped call); kernels that also take weights, which
     may be vmapped too, use "sequential" (one call per vmapped element)."""
-    from tinyinterp.kernels.ffi import task_address
+    from tinyinterp.kernels.ffi import attributes
 
     fn = jax.ffi.ffi_call(ensure_registered(target), out, vmap_method=vmap_method)
-    task = np.int64(task_address(target))
-    return lambda *args, **attrs: fn(*args, task=task, **attrs)
+    attrs = attributes(target)
+    return lambda *args, **kwargs: fn(*args, **attrs, **kwargs)
