@@ -47,3 +47,21 @@ def test_every_constant_is_checked():
     constants = {n for n, v in vars(abi).items() if n.isupper() and isinstance(v, int)}
     checked = {key.split()[0] for key in abi.C_EXPRESSIONS}
     assert constants == checked
+
+
+def test_every_target_has_one_entry_for_the_kernel_the_table_names():
+    """kernels/targets.py is the one table: each target's entry in kernels/ffi.py runs the
+    FfiKernel description that the table names, and the descriptions are consistent."""
+    import ast
+    import inspect
+
+    from tinyinterp.kernels import attention, block, ffi, targets
+
+    assert tuple(ffi.ENTRIES) == targets.TARGETS
+    modules = {"attention": attention, "block": block}
+    for target, (module, name) in targets.KERNELS.items():
+        call = ast.parse(inspect.getsource(ffi.ENTRIES[target])).body[0].body[0].value
+        assert ast.unparse(call.args[-1]) == f"{module}.{name}", target
+        kernel = getattr(modules[module], name)
+        assert 0 <= kernel.split < len(kernel.args) + len(kernel.rets), target
+        assert all(r >= 1 for r in kernel.args + kernel.rets), target
