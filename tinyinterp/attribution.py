@@ -59,12 +59,13 @@ MetricFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 # ============================================================================ metrics
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["correct", "wrong"],
-                   meta_fields=["kind", "pos"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["pos", "correct", "wrong"],
+                   meta_fields=["kind"])
 @dataclass(frozen=True)
 class Metric:
-    """A built-in metric: ``metric(logits, tokens) -> [batch]``. A pytree (token ids are its
-    leaves), so it passes through ``jax.jit``. ``linear_in_logits`` says whether it is a linear
+    """A built-in metric: ``metric(logits, tokens) -> [batch]``. A pytree (the position and the
+    token ids are its leaves), so it passes through ``jax.jit`` and a new position or new ids
+    reuse the compiled program. ``linear_in_logits`` says whether it is a linear
     function of the logits (logit, logit_diff): then LRP's conservation and DLA are exact."""
 
     kind: str  # "logit" | "logit_diff" | "log_prob" | "loss"
@@ -539,8 +540,12 @@ def _gradient_method(model, tokens, metric_dyn, metric_static, names, method):
     return values, parts, m
 
 
-def _split_metric(metric):
+def _split_metric(metric, model=None, n_batch=None):
     _check_metric(metric)
+    if isinstance(metric, Metric) and model is not None:  # ids checked while they are concrete
+        for what, ids in (("correct", metric.correct), ("wrong", metric.wrong)):
+            if ids is not None:
+                _pick(jnp.zeros((n_batch, model.cfg.d_vocab_out), jnp.float32), ids, what)
     return (metric, None) if isinstance(metric, Metric) else (None, metric)
 
 
@@ -562,7 +567,7 @@ def saliency(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *, at: st
     map). Why: the first-order sensitivity of f, one backward pass."""
     tokens = _tokens(model, tokens)
     names = _resolve_target(model, at)
-    dyn, static = _split_metric(metric)
+    dyn, static = _split_metric(metric, model, tokens.shape[0])
     values, parts, m = _gradient_method(model, tokens, dyn, static, names, "saliency")
     return _result("saliency", model, tokens, names, values, parts, m, {"at": names})
 
@@ -576,7 +581,7 @@ def gradient_x_input(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *
     hook_pos_embed's parts summed, each in ``parts``)."""
     tokens = _tokens(model, tokens)
     names = _resolve_target(model, at)
-    dyn, static = _split_metric(metric)
+    dyn, static = _split_metric(metric, model, tokens.shape[0])
     values, parts, m = _gradient_method(model, tokens, dyn, static, names, "gradient_x_input")
     return _result("gradient_x_input", model, tokens, names, values, parts, m, {"at": names})
 
@@ -671,7 +676,7 @@ def integrated_gradients(model, tokens: Int[Array, "batch pos"], metric: MetricF
     steps = _check_steps(steps)
     integration_points(steps, method)  # validates method and steps together
     names = _resolve_target(model, at)
-    dyn, static = _split_metric(metric)
+    dyn, static = _split_metric(metric, model, tokens.shape[0])
     x = _clean(model, tokens, names)
     base = _baseline(model, tokens, names, x, baseline)
     chunk = _chunk(steps, tokens.shape[0], model.cfg, tokens.shape[1], chunk_size)
@@ -741,11 +746,14 @@ def occlusion(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *, windo
     mask = np.zeros((len(starts), n_pos), bool)
     for i, s in enumerate(starts):
         mask[i, s:s + window] = True
+    # variant 0 is the input itself: f(x) from the same compiled program as every f(x_w), so a
+    # window that cannot change the metric gives exactly 0
     variants = jnp.where(jnp.asarray(mask)[:, None, :], b[None], tokens[None])  # [n, batch, pos]
-    dyn, static = _split_metric(metric)
-    chunk = _chunk(len(starts), n_batch, model.cfg, n_pos, chunk_size)
-    f_x = _metric_values(metric, model(tokens), tokens)
-    f_v = _variants(model, tokens, variants, dyn, static, len(starts), chunk, None)  # [n, batch]
+    variants = jnp.concatenate([tokens[None], variants])
+    dyn, static = _split_metric(metric, model, tokens.shape[0])
+    chunk = _chunk(len(starts) + 1, n_batch, model.cfg, n_pos, chunk_size)
+    f_all = _variants(model, tokens, variants, dyn, static, len(starts) + 1, chunk, None)
+    f_x, f_v = f_all[0], f_all[1:]  # [batch], [n, batch]
     deltas = (f_x[None] - f_v).T  # [batch, n]
     count = mask.sum(0).astype(np.float32)  # windows covering each position
     values = (deltas @ jnp.asarray(mask, jnp.float32)) / jnp.asarray(np.maximum(count, 1))[None]
@@ -788,10 +796,11 @@ def feature_ablation(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *
             sl[i] = c
         masks[(g, *sl)] = True
     variants = jnp.where(jnp.asarray(masks)[:, None], base[None], x[None])  # [n, batch, ...]
-    dyn, static = _split_metric(metric)
-    chunk = _chunk(n, tokens.shape[0], model.cfg, tokens.shape[1], chunk_size)
-    f_x = _metric_values(metric, model(tokens), tokens)
-    f_v = _variants(model, tokens, variants, dyn, static, n, chunk, name)
+    variants = jnp.concatenate([x[None], variants])  # variant 0: x itself (as in occlusion)
+    dyn, static = _split_metric(metric, model, tokens.shape[0])
+    chunk = _chunk(n + 1, tokens.shape[0], model.cfg, tokens.shape[1], chunk_size)
+    f_all = _variants(model, tokens, variants, dyn, static, n + 1, chunk, name)
+    f_x, f_v = f_all[0], f_all[1:]
     deltas = (f_x[None] - f_v).T  # [batch, n]
     labels = tuple((a, tuple((f"p{i}" if "pos" in a else f"H{i}") for i in range(s)))
                    for a, s in zip(group_axes, sizes, strict=True))
@@ -1013,7 +1022,7 @@ def lrp(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *, rule: str =
         raise ValueError("rule='conservative' is LRP-0 (gradient x input with the pattern, scales "
                          "and gates held constant); epsilon applies to rule='attnlrp'")
     names = _resolve_target(model, at)
-    dyn, static = _split_metric(metric)
+    dyn, static = _split_metric(metric, model, tokens.shape[0])
     values, parts, m, bias_rel, err = _lrp(model, tokens, dyn, static, names, rule, float(epsilon))
     return _result(f"lrp_{rule}", model, tokens, names, values, parts, m,
                    {"at": names, "rule": rule, "epsilon": float(epsilon)},
