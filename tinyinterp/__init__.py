@@ -15,8 +15,8 @@ one setting the command line and the benchmarks make explicitly).
 import importlib
 
 _SUBMODULES = ("attribution", "cache", "checkpoint", "circuits", "cli", "config", "detectors", "fast",
-               "hooks", "interop", "kernels", "memory", "model", "params", "plotting", "reproduce", "sae",
-               "superposition", "tasks", "testing", "train")
+               "fourier", "hooks", "interop", "kernels", "memory", "model", "params", "plotting",
+               "reproduce", "sae", "superposition", "tasks", "testing", "train")
 # name -> module it lives in, imported on first access
 _LAZY = {
     "ActivationCache": "cache", "TransformerConfig": "config", "HookedTransformer": "model",
