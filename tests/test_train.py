@@ -152,9 +152,9 @@ def test_a_run_that_could_not_save_fails_before_training(tmp_path, what):
         (tmp_path / "checkpoint" / "config.json").write_text('{"model_type": "gpt2"}')
         match = "not a tinyinterp checkpoint"
     seen = []
-    for overwrite in (False, True):
+    for kw in (dict(), dict(overwrite=True), dict(resume=True)):
         with pytest.raises(C.CheckpointError, match=match):
-            train(CFG, TASK, TC, out_dir=tmp_path, overwrite=overwrite, callback=seen.append)
+            train(CFG, TASK, TC, out_dir=tmp_path, callback=seen.append, **kw)
     assert seen == []  # not a single step was trained
 
 

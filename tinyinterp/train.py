@@ -340,9 +340,9 @@ def fit(loss_fn: Callable, params: Any, sample_fn: Callable, train_cfg: TrainCon
     opt_state = optimizer.init(params)
     resumed_from = None
     if ckpt_dir is not None:
-        if not resume:  # a run that could not save is refused now, not after training
-            ckpt_lib.check_save_path(ckpt_dir)
         found = ckpt_lib.find_checkpoint(ckpt_dir, run_dir=False)
+        if not resume or found is None:  # a run that could not save is refused now
+            ckpt_lib.check_save_path(ckpt_dir)
         if found is not None and resume:
             if found != ckpt_dir:  # a save was interrupted between its renames: restore it
                 ckpt_lib.recover_interrupted_save(ckpt_dir)
@@ -549,3 +549,93 @@ def resume_task(out_dir: str | Path) -> tuple[TransformerConfig, Task, TrainConf
                 TrainConfig.from_dict(c["train_config"]))
     except (TypeError, ValueError, KeyError) as e:
         raise ckpt_lib.CheckpointError(f"{file}: invalid stored settings: {e}") from e
+
+
+# ----------------------------------------------------------------------------- several seeds at once
+@dataclasses.dataclass
+class SeedsResult:
+    """``len(seeds)`` runs trained as one vmapped program. ``params``: the params pytree with a
+    leading seed axis; ``history``: train metric -> np.ndarray [seed, step]; ``diverged_at``:
+    per seed, the first non-finite step (that seed's later steps were not applied) or None;
+    ``timing``: compile and run wall times."""
+
+    params: Any
+    seeds: list[int]
+    history: dict
+    train_config: TrainConfig
+    model_config: TransformerConfig
+    diverged_at: list[int | None]
+    timing: dict = dataclasses.field(default_factory=dict)
+
+    def params_of(self, i: int) -> Any:
+        """The params of the ``i``-th seed (an index into ``seeds``)."""
+        return jax.tree_util.tree_map(lambda x: x[i], self.params)
+
+    def model(self, i: int):
+        """The ``i``-th seed's trained ``HookedTransformer``."""
+        from tinyinterp.model import HookedTransformer
+
+        return HookedTransformer(self.model_config, self.params_of(i))
+
+
+@functools.lru_cache(maxsize=8)
+def _seeds_chunk(run_chunk: Callable) -> Callable:
+    # the single-run chunk (same step, data stream and NaN guard), vmapped over a leading seed axis
+    return jax.jit(jax.vmap(run_chunk, in_axes=(0, None, None)))
+
+
+def train_seeds(model_cfg: TransformerConfig, task: Task | str, train_cfg: TrainConfig,
+                seeds: list[int] | tuple[int, ...]) -> SeedsResult:
+    """Train one transformer per seed on ``task`` as ONE compiled program vmapped over the seeds
+    (Olsson et al. report the phase change as robust across models; this is how to check it on a
+    CPU in one go). Seed ``s`` starts from ``HookedTransformer.from_config(cfg, seed=s)`` and
+    draws the same batches as ``train(cfg, task, train_cfg.replace(seed=s))``, so each run is
+    that single run to float32 rounding (vmap batches the matmuls differently). ``train_cfg.seed``
+    is ignored; no checkpoints or evals are written. A seed whose loss or gradient becomes
+    non-finite stops there (``diverged_at``) while the others go on.
+    """
+    from tinyinterp.params import init_params
+
+    tc = train_cfg
+    if isinstance(task, str):
+        task = get_task(task)
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"train_seeds needs distinct seeds >= 0, got {seeds}")
+    if task.d_vocab > model_cfg.d_vocab or task.seq_len > model_cfg.n_ctx:
+        raise ValueError(f"task {task.name!r} (d_vocab {task.d_vocab}, seq_len {task.seq_len}) "
+                         f"does not fit the model (d_vocab {model_cfg.d_vocab}, n_ctx "
+                         f"{model_cfg.n_ctx})")
+    loss_fn, eval_fn = task_loss_fns(model_cfg, task)
+    run_chunk = _seeds_chunk(_compiled(loss_fn, _sample_fn(task), eval_fn, _compile_key(tc))[0])
+    optimizer = make_optimizer(tc)
+    stack = functools.partial(jax.tree_util.tree_map, lambda *xs: jnp.stack(xs))
+    params = stack(*[init_params(model_cfg, jax.random.key(s)) for s in seeds])  # [seed, ...]
+    state = {"params": params, "opt_state": stack(*[optimizer.init(init_params(
+                 model_cfg, jax.random.key(s))) for s in seeds]),
+             "key": jnp.stack([jax.random.key(s) for s in seeds]),
+             "bad_step": jnp.full((len(seeds),), -1, jnp.int32)}
+    history: dict[str, list] = {}
+    timing = {"first_chunk_s": None, "run_s": 0.0, "run_steps": 0}
+    step = 0
+    while step < tc.steps:
+        n = min(tc.chunk_size, tc.steps - step)
+        t0 = time.perf_counter()
+        state, metrics = run_chunk(state, jnp.asarray(step, jnp.int32), jnp.asarray(n, jnp.int32))
+        metrics = jax.device_get(metrics)  # name -> [seed, chunk]
+        dt = time.perf_counter() - t0
+        if timing["first_chunk_s"] is None:
+            timing["first_chunk_s"] = dt
+        else:
+            timing["run_s"] += dt
+            timing["run_steps"] += n
+        for k, v in metrics.items():
+            history.setdefault(k, []).append(np.asarray(v[:, :n], np.float64))
+        step += n
+    bad = np.asarray(jax.device_get(state["bad_step"]))
+    runs = timing["run_steps"]
+    timing["steps_per_s"] = runs / timing["run_s"] if runs and timing["run_s"] > 0 else None
+    return SeedsResult(params=state["params"], seeds=seeds,
+                       history={k: np.concatenate(v, axis=1) for k, v in history.items()},
+                       train_config=tc, model_config=model_cfg,
+                       diverged_at=[int(b) if b >= 0 else None for b in bad], timing=timing)
