@@ -424,6 +424,13 @@ def test_killed_saves_leave_a_checkpoint_that_loads_and_resumes(tmp_path):
             warnings.simplefilter("always")
             model = C.load_model(state / "checkpoint")
         assert trees_equal(model.params, C.load_model(tmp_path / "src/checkpoint").params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            extra = C.read_config(state / "checkpoint")["extra"]
+        # the previous checkpoint or a complete new one (the saves number themselves in extra)
+        assert extra == {} or (set(extra) == {"save"} and isinstance(extra["save"], int)), extra
+        if state.name.startswith("step"):
+            assert extra in ({}, {"save": 1}), (state.name, extra)
         assert bool(caught) == ("checkpoint" not in names), (state.name, names)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (the .old recovery warns)
