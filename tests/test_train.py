@@ -226,6 +226,8 @@ def test_train_config_validation_and_round_trip():
         TrainConfig(lr=float("nan"))
     with pytest.raises(ValueError, match="unknown fields"):
         TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(TypeError, match="train_cfg must be a TrainConfig"):
+        train(CFG, TASK, {"steps": 3})
     task = get_task("copy")
     with pytest.raises(ValueError, match="n_ctx"):
         train(small_cfg(task, n_ctx=4), task, TrainConfig(steps=1))

@@ -326,6 +326,9 @@ def fit(loss_fn: Callable, params: Any, sample_fn: Callable, train_cfg: TrainCon
     functions, not fresh lambdas) to reuse the compiled code. Raises ``TrainingDiverged`` on
     NaN/inf. Returns a ``TrainResult``.
     """
+    if not isinstance(train_cfg, TrainConfig):
+        raise TypeError(f"train_cfg must be a TrainConfig (e.g. TrainConfig(steps=1000)), got "
+                        f"{type(train_cfg).__name__}")
     tc = train_cfg
     eval_fn = eval_fn if eval_fn is not None else _default_eval_fn(loss_fn)
     run_chunk, run_eval = _compiled(loss_fn, sample_fn, eval_fn, _compile_key(tc))
@@ -507,6 +510,9 @@ def train(model_or_cfg, task: Task | str, train_cfg: TrainConfig | None = None, 
     from tinyinterp.model import HookedTransformer
 
     tc = train_cfg if train_cfg is not None else TrainConfig()
+    if not isinstance(tc, TrainConfig):
+        raise TypeError(f"train_cfg must be a TrainConfig (e.g. TrainConfig(steps=1000)), got "
+                        f"{type(tc).__name__}")
     if isinstance(task, str):
         task = get_task(task)
     if isinstance(model_or_cfg, TransformerConfig):
