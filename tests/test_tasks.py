@@ -233,3 +233,78 @@ def test_bad_names_and_options():
         get_task("induction", loss_on="some")
     with pytest.raises(ValueError, match="p must be >= 2"):
         get_task("modular_addition", p=1)
+
+
+def _segment_from_masks(row, am, fm):
+    """(s0, L) of one row from its answer and first-segment masks (see the module docstring).
+    The masks of (s0 = 0, L) and (s0 = 1, L - 1) are the same (prediction 0 is of a first-segment
+    token either way); the tokens decide: the first is periodic from position 0."""
+    a = int(np.argmax(am))  # the first prediction made inside a repeat: s0 + L
+    count = int(fm.sum())  # L predictions of first-segment tokens (L - 1 when s0 = 0)
+    if a - count != 1:
+        return a - count, count
+    t = np.arange(a, len(row))
+    return (0, a) if np.array_equal(row[t], row[t - a]) else (1, a - 1)
+
+
+@settings(max_examples=24)
+@given(seed=seeds, sampling=st.sampled_from(["replacement", "mixed"]),
+       bos=st.sampled_from([False, True, "mixed"]), filler=st.sampled_from(["mixed", "repeat"]))
+def test_repeated_tokens_with_replacement_and_mixed_bos(seed, sampling, bos, filler):
+    """The layouts the induction reproduction trains on: every id (0 included), tokens drawn with
+    replacement (repeats inside the segment), BOS on some sequences, a varying period; each row
+    is a filler then its segment repeated to the end, and the masks say where."""
+    length, n_repeats, d_vocab, min_length = 12, 2, 40, 4
+    task = get_task("induction", length=length, n_repeats=n_repeats, d_vocab=d_vocab, bos=bos,
+                    min_length=min_length, filler=filler, sampling=sampling)
+    o = 0 if bos is False else 1
+    assert task.seq_len == o + length * n_repeats
+    batch = jax.device_get(task.sample(jax.random.key(seed), 16))
+    toks, am, fm = batch["tokens"], batch["answer_mask"], batch["first_mask"]
+    assert toks.shape == (16, task.seq_len) and toks.min() >= 0 and toks.max() < d_vocab
+    for b, row in enumerate(toks):
+        s0, L = _segment_from_masks(row, am[b], fm[b])
+        assert min_length <= L <= length
+        if bos is True:
+            assert row[0] == 0 and s0 >= 1
+        if bos is False and filler == "repeat":
+            assert s0 == 0
+        t = np.arange(s0 + L, task.seq_len)
+        np.testing.assert_array_equal(row[t], row[t - L])  # periodic from the segment on
+        assert am[b].sum() >= (n_repeats - 1) * L - 1  # at least one full repeat is scored
+        for j in np.nonzero(am[b])[0]:  # the next token followed an earlier occurrence
+            earlier = np.nonzero(row[:j] == row[j])[0]
+            assert row[j + 1] in row[earlier + 1]
+
+
+def test_repeated_tokens_mixed_sampling_statistics():
+    """sampling='mixed', bos='mixed': about half the rows start with BOS, about half draw their
+    segment with replacement (a token recurs inside it in most of those), every id occurs as a
+    content token, and the period and start vary."""
+    task = get_task("induction", d_vocab=64, length=32, n_repeats=2, min_length=8,
+                    filler="mixed", sampling="mixed", bos="mixed")
+    batch = jax.device_get(task.sample(jax.random.key(0), 2000))
+    toks, am, fm = batch["tokens"], batch["answer_mask"], batch["first_mask"]
+    assert task.seq_len == 65
+    segs = [_segment_from_masks(r, a, f) for r, a, f in zip(toks, am, fm, strict=True)]
+    dup = np.array([len(set(r[s:s + L].tolist())) < L for r, (s, L) in zip(toks, segs, strict=True)])
+    assert 0.3 < dup.mean() < 0.5, dup.mean()  # replacement rows with L >= 8 of 64 ids: mostly dup
+    assert 0.45 < np.mean(toks[:, 0] == 0) < 0.58  # BOS (plus the odd content token 0)
+    content = np.concatenate([r[s:] for r, (s, _) in zip(toks, segs, strict=True)])
+    assert set(content.tolist()) == set(range(64))  # every id, 0 included
+    assert len({L for _, L in segs}) == 25 and 0.3 < np.mean([s <= 1 for s, _ in segs]) < 0.7
+
+
+def test_repeated_tokens_sampling_errors():
+    with pytest.raises(ValueError, match="token 0"):
+        get_task("induction", min_length=8, sampling="replacement", filler="pad")
+    with pytest.raises(ValueError, match="min_length"):
+        get_task("induction", sampling="mixed")
+    with pytest.raises(ValueError, match="min_length"):
+        get_task("induction", bos="mixed")
+    with pytest.raises(ValueError, match="sampling"):
+        get_task("induction", min_length=8, filler="mixed", sampling="sometimes")
+    with pytest.raises(ValueError, match="bos"):
+        get_task("induction", min_length=8, filler="mixed", bos="maybe")
+    with pytest.raises(ValueError, match="distinct ids"):
+        get_task("induction", d_vocab=16, min_length=8, filler="mixed", sampling="mixed")

@@ -40,6 +40,16 @@ The tasks (``get_task(name, **options)``; ``TASKS`` lists the names and their op
     positional solution remains); ``"repeat"`` alone lets the model rely on the segment starting
     at 0 (it then fails when a filler comes first); ``"distinct"`` alone leaves start = 0 rare, and
     the model fails the first prediction of a repeat at that edge.
+    ``sampling`` (with ``min_length``) says how the tokens are drawn: ``"distinct"`` (default) as
+    above, from ``[1, d_vocab)``, no token twice in a sequence except through the repeats;
+    ``"replacement"`` every segment and filler token uniform over every id ``[0, d_vocab)``, so a
+    token may recur inside the segment (the layout TransformerLens and ARENA test induction on);
+    ``"mixed"`` each sequence one or the other with probability 1/2, ids from ``[0, d_vocab)``
+    either way (what the induction-heads reproduction trains on). Why: a model trained only on
+    distinct tokens meets a segment with a repeated token, or token 0, for the first time at test
+    time and fails it. "replacement" and "mixed" need a filler other than "pad" (0 is a token).
+    ``bos="mixed"`` (with ``min_length``): about half the sequences start with BOS (token 0), the
+    others have one more token of the body at the end, so both kinds fill the same ``seq_len``.
 ``copy`` / ``reverse`` / ``sort``
     ``x_0 .. x_{n-1} SEP y_0 .. y_{n-1}`` with ``x`` uniform in ``[0, n_symbols)``, ``SEP =
     n_symbols`` (so ``d_vocab = n_symbols + 1``) and ``y`` = ``x``, ``x`` reversed, or ``x`` sorted
@@ -67,6 +77,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 Batch = dict[str, jax.Array]
 PAD = 0  # the padding token of repeated_tokens with min_length (also the BOS token)
+NO_FILLER_FRACTION = 0.5
 
 
 # ----------------------------------------------------------------------------- the Task object
@@ -178,13 +189,21 @@ def _masks(batch_size: int, loss: np.ndarray, answer: np.ndarray) -> dict[str, j
             "answer_mask": jnp.broadcast_to(jnp.asarray(answer), shape)}
 
 
-def _repeated_tokens(d_vocab: int, length: int, n_repeats: int, bos: bool, loss_on: str,
-                     min_length: int = 0, filler: str = "pad"):
+def _repeated_tokens(d_vocab: int, length: int, n_repeats: int, bos: bool | str, loss_on: str,
+                     min_length: int = 0, filler: str = "pad", sampling: str = "distinct"):
     o = 1 if bos else 0
     seq_len = o + length * n_repeats
     if min_length > length:
         raise ValueError(f"task 'repeated_tokens': min_length={min_length} must be <= "
                          f"length={length} (0 turns it off)")
+    if min_length in (0, length) and (sampling != "distinct" or bos == "mixed"):
+        raise ValueError(f"task 'repeated_tokens': sampling={sampling!r} and bos={bos!r} apply to a "
+                         f"varying period; set min_length (1 <= min_length < length={length}), or "
+                         "use the defaults sampling='distinct' and bos=True/False (a fixed period "
+                         "already draws its tokens with replacement)")
+    if min_length not in (0, length) and (sampling != "distinct" or bos == "mixed"):
+        return _mixed_repeated_tokens(d_vocab, length, n_repeats, bos, loss_on, min_length,
+                                      filler, sampling)
     if min_length in (0, length):
         answer = np.arange(seq_len - 1) >= o + length
         first = np.arange(seq_len - 1) < o + length - 1
@@ -249,6 +268,83 @@ def _repeated_tokens(d_vocab: int, length: int, n_repeats: int, bos: bool, loss_
     return sample_variable, seq_len, d_vocab
 
 
+def _mixed_repeated_tokens(d_vocab: int, length: int, n_repeats: int, bos: bool | str,
+                           loss_on: str, min_length: int, filler: str, sampling: str):
+    """The varying-period sampler with ``sampling`` "replacement"/"mixed" or ``bos="mixed"``
+    (see the module docstring). Every sequence is a body of ``seq_len`` tokens (filler, then the
+    segment repeated cyclically to the end); a BOS row is ``[0] + body[:-1]``."""
+    o = 1 if bos else 0
+    body = length * n_repeats
+    seq_len = o + body
+    lo = 1 if sampling == "distinct" else 0  # the smallest content id
+    n_ids = d_vocab - lo
+    if filler == "pad" and sampling != "distinct":
+        raise ValueError(f"task 'repeated_tokens': filler='pad' pads with token 0, which "
+                         f"sampling={sampling!r} uses as a content token; use filler='mixed', "
+                         "'distinct' or 'repeat'")
+    # segment + filler tokens of the longest-filler sequence (shortest L), all read from one pool
+    n_pool = seq_len - (n_repeats - 1) * min_length
+    if sampling != "replacement" and n_pool > n_ids:
+        raise ValueError(f"task 'repeated_tokens': sampling={sampling!r} draws sequences of "
+                         f"{n_pool} distinct ids from [{lo}, d_vocab={d_vocab}); raise min_length "
+                         "or d_vocab, or use sampling='replacement'")
+    if sampling == "replacement" and length > d_vocab:
+        raise ValueError(f"task 'repeated_tokens': length={length} > d_vocab={d_vocab}")
+
+    def sample(key: jax.Array, batch_size: int) -> Batch:
+        k_len, k_perm, k_draw, k_start, k_kind, k_bos = jax.random.split(key, 6)
+        seg_len = jax.random.randint(k_len, (batch_size, 1), min_length, length + 1,
+                                     dtype=jnp.int32)  # [batch, 1]
+        if sampling == "replacement":
+            pool = jax.random.randint(k_draw, (batch_size, n_pool), 0, d_vocab, dtype=jnp.int32)
+        else:  # a random permutation of the ids per row: distinct tokens
+            u = jax.random.uniform(k_perm, (batch_size, n_ids))  # [batch, n_ids]
+            pool = jnp.argsort(u, axis=1)[:, :n_pool].astype(jnp.int32) + lo  # [batch, n_pool]
+            if sampling == "mixed":  # half of the rows drawn with replacement instead
+                draws = jax.random.randint(k_draw, (batch_size, n_pool), 0, d_vocab,
+                                           dtype=jnp.int32)  # [batch, n_pool]
+                with_replacement = jax.random.bernoulli(k_kind, 0.5, (batch_size, 1))
+                pool = jnp.where(with_replacement, draws, pool)  # [batch, n_pool]
+        n_body = seq_len  # the body fills the whole sequence; a BOS row drops its last token
+        if filler == "repeat":
+            start = jnp.zeros_like(seg_len)
+        elif filler == "mixed":  # no filler for NO_FILLER_FRACTION of the sequences, else uniform
+            most = n_repeats * (length - seg_len)  # [batch, 1]
+            u = jax.random.uniform(k_start, (batch_size, 1))  # [batch, 1]
+            amount = jnp.floor((u - NO_FILLER_FRACTION) / (1.0 - NO_FILLER_FRACTION) *
+                               most.astype(jnp.float32)).astype(jnp.int32) + 1
+            start = jnp.where(u < NO_FILLER_FRACTION, 0, jnp.minimum(amount, most))
+        else:  # "pad" / "distinct": the segment ends exactly n_repeats periods after its start
+            start = n_repeats * (length - seg_len)  # [batch, 1]
+        j = jnp.arange(n_body, dtype=jnp.int32)[None, :]  # [1, body]
+        in_seg = j >= start  # [batch, body]
+        # segment = pool[:L], filler = pool[L:L + start]
+        idx = jnp.where(in_seg, (j - start) % seg_len, jnp.minimum(seg_len + j, n_pool - 1))
+        tokens = jnp.take_along_axis(pool, idx, axis=1)  # [batch, body]
+        if filler == "pad":
+            tokens = jnp.where(in_seg, tokens, PAD)
+        if bos == "mixed":
+            has_bos = jax.random.bernoulli(k_bos, 0.5, (batch_size, 1))  # [batch, 1]
+            shifted = jnp.concatenate([jnp.full((batch_size, 1), PAD, jnp.int32),
+                                       tokens[:, :-1]], axis=1)  # [batch, seq_len]
+            tokens = jnp.where(has_bos, shifted, tokens)
+            offset = has_bos.astype(jnp.int32)  # [batch, 1]
+        elif bos:
+            tokens = jnp.concatenate([jnp.full((batch_size, 1), PAD, jnp.int32),
+                                      tokens[:, :-1]], axis=1)
+            offset = jnp.ones_like(seg_len)
+        else:
+            offset = jnp.zeros_like(seg_len)
+        i = jnp.arange(seq_len - 1, dtype=jnp.int32)[None, :]  # prediction i: token i + 1
+        s0 = offset + start  # [batch, 1]: position of the first segment token
+        answer = i >= s0 + seg_len  # made at a token inside a repeat
+        first = (i >= s0 - 1) & (i < s0 + seg_len - 1)  # of a first-segment token
+        loss = jnp.ones_like(answer) if loss_on == "all" else answer
+        return {"tokens": tokens, "loss_mask": loss, "answer_mask": answer, "first_mask": first}
+
+    return sample, seq_len, d_vocab
+
+
 def _seq2seq(kind: str, n_symbols: int, length: int):
     seq_len = 2 * length + 1
     answer = np.arange(seq_len - 1) >= length  # predictions made at SEP, y_0 .. y_{n-2}
@@ -286,7 +382,8 @@ def _modular_addition(p: int):
 TASKS: dict[str, tuple[Callable, dict[str, Any]]] = {
     "repeated_tokens": (_repeated_tokens,
                         {"d_vocab": 64, "length": 32, "n_repeats": 2, "bos": False,
-                         "loss_on": "all", "min_length": 0, "filler": "pad"}),
+                         "loss_on": "all", "min_length": 0, "filler": "pad",
+                         "sampling": "distinct"}),
     "copy": (lambda **o: _seq2seq("copy", **o), {"n_symbols": 16, "length": 8}),
     "reverse": (lambda **o: _seq2seq("reverse", **o), {"n_symbols": 16, "length": 8}),
     "sort": (lambda **o: _seq2seq("sort", **o), {"n_symbols": 16, "length": 8}),
@@ -299,6 +396,11 @@ _MIN = {"d_vocab": 2, "length": 1, "n_repeats": 2, "n_symbols": 2, "p": 2, "min_
 
 
 def _check_option(task: str, name: str, value: Any, default: Any) -> Any:
+    if name == "bos" and isinstance(value, str):
+        if value != "mixed":
+            raise ValueError(f"task {task!r}: option bos must be True, False or 'mixed', "
+                             f"got {value!r}")
+        return value
     if isinstance(default, bool):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"task {task!r}: option {name} must be a bool, got {value!r}")
@@ -310,8 +412,11 @@ def _check_option(task: str, name: str, value: Any, default: Any) -> Any:
             raise ValueError(f"task {task!r}: option {name} must be >= {_MIN[name]}, got {value}")
         return int(value)
     if name == "filler" and value not in ("pad", "distinct", "repeat", "mixed"):
-        raise ValueError(f"task {task!r}: option filler must be 'pad', 'distinct' or 'repeat', "
-                         f"got {value!r}")
+        raise ValueError(f"task {task!r}: option filler must be 'pad', 'distinct', 'repeat' or "
+                         f"'mixed', got {value!r}")
+    if name == "sampling" and value not in ("distinct", "replacement", "mixed"):
+        raise ValueError(f"task {task!r}: option sampling must be 'distinct', 'replacement' or "
+                         f"'mixed', got {value!r}")
     if name == "loss_on" and value not in ("all", "repeated"):
         raise ValueError(f"task {task!r}: option loss_on must be 'all' or 'repeated', "
                          f"got {value!r}")
