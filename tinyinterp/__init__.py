@@ -16,7 +16,8 @@ import importlib
 
 _SUBMODULES = ("attribution", "cache", "checkpoint", "circuits", "cli", "config", "detectors", "fast",
                "fourier", "hooks", "interop", "kernels", "memory", "model", "params", "plotting",
-               "reproduce", "sae", "superposition", "tasks", "testing", "train")
+               "reproduce", "sae", "superposition", "tasks", "testing", "train",
+               "generate", "patching", "processing", "steering")
 # name -> module it lives in, imported on first access
 _LAZY = {
     "ActivationCache": "cache", "TransformerConfig": "config", "HookedTransformer": "model",
