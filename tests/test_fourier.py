@@ -49,7 +49,7 @@ def test_basis_is_orthonormal_with_named_rows(p):
     assert sum(len(b.components_of(k)) for k in range(1, p // 2 + 1)) == p - 1
 
 
-@settings(max_examples=15)
+@settings(max_examples=8)
 @given(p=PRIMES, data=st.data())
 def test_pure_wave_has_energy_at_its_frequency_only(p, data):
     k = data.draw(st.integers(1, p // 2))
@@ -81,7 +81,7 @@ def test_transform_along_an_axis_and_2d_match_explicit_sums():
         fourier.fourier_transform(np.arange(p))
 
 
-@settings(max_examples=10)
+@settings(max_examples=5)
 @given(p=st.sampled_from([23, 29, 31, 37]), seed=st.integers(0, 1000), n=st.integers(1, 5))
 def test_planted_embedding_spectrum_and_key_frequencies(p, seed, n):
     rng = np.random.default_rng(seed)
@@ -211,7 +211,7 @@ def test_key_frequencies_gap_rule():
         fourier.key_frequencies(flat, min_ratio=1.0)
 
 
-@settings(max_examples=20)
+@settings(max_examples=10)
 @given(x=st.lists(st.floats(0.0, 100.0), min_size=2, max_size=30), scale=st.floats(0.1, 10.0))
 def test_gini_bounds_and_scale_invariance(x, scale):
     x = np.asarray(x, np.float32)
