@@ -427,3 +427,32 @@ def test_interop_reference_keys_and_errors():
     del sd["blocks.1.mlp.b_out"]
     with pytest.raises(ValueError, match=r"missing \['blocks.1.mlp.b_out'\]"):
         tinyinterp.interop.from_transformer_lens_state_dict(cfg, sd)
+
+
+def test_start_after_stop_is_refused_and_equal_layers_pass_the_residual_through():
+    cfg = TransformerConfig(n_layers=2, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=7,
+                            attn_only=True)
+    model = HookedTransformer.from_config(cfg, seed=0)
+    resid = jnp.ones((1, 3, 8), jnp.float32)
+    with pytest.raises(ValueError, match="comes after"):
+        model(resid, start_at_layer=2, stop_at_layer=1)
+    assert np.array_equal(np.asarray(model(resid, start_at_layer=1, stop_at_layer=1)),
+                          np.asarray(resid))
+
+
+def test_the_attention_backend_is_a_run_option_not_part_of_a_checkpoint(tmp_path):
+    from tinyinterp.checkpoint import load_model, save_model
+
+    cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=7,
+                            attn_only=True)
+    params = HookedTransformer.from_config(cfg, seed=0).params
+    for backend in ("xla", "numba"):
+        save_model(HookedTransformer(cfg.replace(attention_backend=backend), params),
+                   tmp_path / backend)
+    texts = [(tmp_path / b / "config.json").read_text() for b in ("xla", "numba")]
+    assert texts[0] == texts[1] and "attention_backend" not in texts[0]
+    loaded = load_model(tmp_path / "numba", expected_config=cfg.replace(attention_backend="xla"))
+    assert loaded.cfg == cfg  # the default backend ("auto")
+    tokens = jnp.zeros((2, 5), jnp.int32)
+    np.testing.assert_allclose(np.asarray(loaded(tokens, backend="xla")),
+                               np.asarray(loaded(tokens, backend="numba")), rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ import pytest
 
 @pytest.mark.slow
 def test_reproduce_induction_heads_quick_finds_the_circuit(tmp_path):
-    from tinyinterp.model import HookedTransformer
+    from tinyinterp.checkpoint import load_model
     from tinyinterp.reproduce import induction as rep
 
     report = rep.run(tmp_path, quick=True, progress=False, verbose=False)
@@ -32,7 +32,7 @@ def test_reproduce_induction_heads_quick_finds_the_circuit(tmp_path):
     for name in report["figures"].values():
         assert (tmp_path / name).stat().st_size > 5000, name
 
-    model = HookedTransformer.load(tmp_path / report["checkpoint"])
+    model = load_model(tmp_path / report["checkpoint"])
     assert model.cfg.n_layers == 2 and model.cfg.attn_only
     toks = rep.distinct_repeated_tokens(jax.random.key(1), 8, model.cfg.d_vocab,
                                         rep.SEQ_LEN, rep.N_REPEATS)

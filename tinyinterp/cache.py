@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from tinyinterp.config import NORMALIZATION_TYPES
 from tinyinterp.hooks import get_act_name
 
-NORMALIZED_TYPES = ("LN", "LNPre", "RMS", "RMSPre")
+NORMALIZED_TYPES = tuple(t for t in NORMALIZATION_TYPES if t is not None)  # the norms that exist
 SliceInput = None | int | slice | tuple | Sequence[int] | np.ndarray | jax.Array
 
 

@@ -398,6 +398,9 @@ def _base_config(kind: str, model_config: TransformerConfig | dict | None) -> di
 
     if isinstance(model_config, TransformerConfig):
         model_config = model_config.to_dict()
+    if isinstance(model_config, dict):  # the attention backend is how a run computes, not what the
+        # model is: two saves that differ only in it write the same checkpoint
+        model_config = {k: v for k, v in model_config.items() if k != "attention_backend"}
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "tinyinterp_version": __version__,
             "kind": kind, "model_config": model_config}
 
@@ -651,13 +654,15 @@ def _params(config: dict[str, Any], cfg: TransformerConfig | None, template: Any
 
 def _check_expected(config: dict, cfg: TransformerConfig | None,
                     expected: TransformerConfig | None) -> None:
-    if expected is None or cfg == expected:
+    if expected is None:
         return
     if cfg is None:
         raise CheckpointError(f"{config['_path'] / CONFIG_FILE}: has no model_config, expected "
                               f"{expected}")
+    if cfg.replace(attention_backend=expected.attention_backend) == expected:
+        return  # the attention backend is a run option, never stored
     a, b = cfg.to_dict(), expected.to_dict()
-    diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+    diff = {k: (a[k], b[k]) for k in a if a[k] != b[k] and k != "attention_backend"}
     raise CheckpointError(f"{config['_path'] / CONFIG_FILE}: model config does not match: "
                           + ", ".join(f"{k}={v[0]!r} (expected {v[1]!r})" for k, v in diff.items()))
 

@@ -147,6 +147,7 @@ class HookContext:
     cache_names: frozenset[str] = frozenset()
     deltas: dict[str, jax.Array] | None = None
     cache: dict[str, jax.Array] = field(default_factory=dict)
+    visited: list[str] | None = None  # when a list, every hook point the run visits, in order
 
     def wants(self, name: str) -> bool:
         """Does anyone read or replace this hook point? (Decides whether to materialise it.)"""
@@ -158,6 +159,8 @@ class HookContext:
         return name in self.fwd_hooks or (self.deltas is not None and name in self.deltas)
 
     def __call__(self, name: str, value: jax.Array) -> jax.Array:
+        if self.visited is not None:
+            self.visited.append(name)
         for fn in self.fwd_hooks.get(name, ()):
             new = fn(value, name=name)
             if not hasattr(new, "shape") or not hasattr(new, "dtype"):

@@ -6,13 +6,10 @@ This file is the specification: plain jnp, written for reading. Axis vocabulary:
 Every hook point (the one table: ``tinyinterp.hooks.hook_names``) is a call ``hp(name, value)`` where
 the value is computed, as TransformerLens' ``self.hook_resid_pre(x)``: ``hp`` (a ``HookContext``)
 returns the value, edited by any hook on that point, and records it when a cache asks for it.
-Nothing is kept for points nobody asked for (XLA drops what nobody reads).
 
-How attention runs is planned beside this file, in ``tinyinterp.fast``: on the CPU, Numba kernels
-run a block's attention sublayer (all of it, or its parts) where nobody reads or edits the hook
-points they skip, with values equal to this code's to float32 rounding and this code's gradients.
-``block`` hands each sublayer to ``fast.attention_sublayer`` with the plain function below; the
-plain function is what runs everywhere else (the "xla" backend).
+``block`` hands each attention sublayer to ``tinyinterp.fast.attention_sublayer`` with the plain
+function below; on the CPU it may run Numba kernels instead where nobody reads or edits the hook
+points they skip, with this code's values (to float32 rounding) and its gradients.
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 from jaxtyping import Array, Float, Int
 
 from tinyinterp import fast
@@ -37,10 +35,7 @@ from tinyinterp.hooks import (
     zero_like_tree,
 )
 from tinyinterp.inputs import check_return_type, check_tokens, layer_range
-from tinyinterp.params import Params, count_params, init_params
-
-__all__ = ["HookedTransformer", "check_tokens", "forward", "forward_with_cache",
-           "lm_cross_entropy_loss"]
+from tinyinterp.params import Params, check_params, count_params, init_params
 
 
 # ----------------------------------------------------------------------------- embed
@@ -77,27 +72,23 @@ def normalize(x: Float[Array, "batch pos d_model"], p: dict, name: str, cfg: Tra
     return x
 
 
+# TL's activations: "gelu" is the exact erf GELU, "gelu_new" and "gelu_fast" the tanh one
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu, "silu": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+}
+
+
 def activation(x: jax.Array, act_fn: str) -> jax.Array:
-    """TL's activations: "gelu" is the exact erf GELU, "gelu_new"/"gelu_fast" the tanh one."""
-    if act_fn == "relu":
-        return jax.nn.relu(x)
-    if act_fn == "gelu":
-        return jax.nn.gelu(x, approximate=False)
-    if act_fn == "gelu_new":
-        return jax.nn.gelu(x, approximate=True)
-    if act_fn == "gelu_fast":  # 0.5 x (1 + tanh(x * 0.7978845608 * (1 + 0.044715 x^2)))
-        return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
-    if act_fn == "silu":
-        return jax.nn.silu(x)
-    raise ValueError(f"unknown act_fn {act_fn!r}")
+    return ACTIVATIONS[act_fn](x)
 
 
 # ----------------------------------------------------------------------------- attention
-def causal_scores(q: Float[Array, "batch query_pos head d_head"],
-                  k: Float[Array, "batch key_pos head d_head"]
+def causal_scores(q: Float[Array, "batch query_pos head d_head"], k: Float[Array, "batch key_pos head d_head"]
                   ) -> Float[Array, "batch head query_pos key_pos"]:
-    """q . k / sqrt(d_head) for every query and key position, -inf above the diagonal: a
-    position attends to itself and to earlier positions only."""
+    """q . k / sqrt(d_head), -inf above the diagonal: a position sees itself and earlier ones."""
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / math.sqrt(q.shape[-1]))
     causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), dtype=bool))  # [query_pos, key_pos]
     return jnp.where(causal[None, None], scores, -jnp.inf)
@@ -105,8 +96,7 @@ def causal_scores(q: Float[Array, "batch query_pos head d_head"],
 
 def softmax_pattern(scores: Float[Array, "batch head query_pos key_pos"]
                     ) -> Float[Array, "batch head query_pos key_pos"]:
-    """Softmax over key_pos, stable (the row's max is subtracted); a fully masked row (all -inf,
-    e.g. after a hook masks it) gives zeros, not NaN."""
+    """Softmax over key_pos, stable; a fully masked row (all -inf, after a hook) gives zeros, not NaN."""
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     e = jnp.exp(scores - jax.lax.stop_gradient(row_max))
@@ -118,15 +108,15 @@ def attention(p: dict, x: Float[Array, "batch pos d_model"], layer: int, cfg: Tr
               hp: HookContext) -> Float[Array, "batch pos d_model"]:
     """Multi-head causal self-attention with TL's hook points, in TL's order."""
     name = f"blocks.{layer}.attn"
-    # x [batch, pos, d_model] @ W [head, d_model, d_head] + b [head, d_head] -> [batch, pos, head, d_head]
+    # x [batch, pos, d_model] @ W [head, d_model, d_head] + b -> [batch, pos, head, d_head]
     q = hp(f"{name}.hook_q", jnp.einsum("bpm,hmd->bphd", x, p["W_Q"]) + p["b_Q"][None, None])
     k = hp(f"{name}.hook_k", jnp.einsum("bpm,hmd->bphd", x, p["W_K"]) + p["b_K"][None, None])
     v = hp(f"{name}.hook_v", jnp.einsum("bpm,hmd->bphd", x, p["W_V"]) + p["b_V"][None, None])
     scores = hp(f"{name}.hook_attn_scores", causal_scores(q, k))  # [batch, head, query, key]
     pattern = hp(f"{name}.hook_pattern", softmax_pattern(scores))
-    # pattern [batch, head, query_pos, key_pos] @ v [batch, key_pos, head, d_head] -> [batch, query_pos, head, d_head]
+    # pattern [batch, head, query, key] @ v [batch, key, head, d_head] -> z [batch, query, head, d_head]
     z = hp(f"{name}.hook_z", jnp.einsum("bhqk,bkhd->bqhd", pattern, v))
-    # each head's output z_h @ W_O[h]: [batch, pos, head, d_head] @ [head, d_head, d_model] -> [batch, pos, head, d_model]
+    # each head's output z_h @ W_O[h]: [batch, pos, head, d_head] -> [batch, pos, head, d_model]
     result = hp(f"{name}.hook_result", jnp.einsum("bphd,hdm->bphm", z, p["W_O"]))
     return jnp.sum(result, axis=2) + p["b_O"][None, None]
 
@@ -143,7 +133,7 @@ def mlp(p: dict, x: Float[Array, "batch pos d_model"], layer: int, cfg: Transfor
         hp: HookContext) -> Float[Array, "batch pos d_model"]:
     # x [batch, pos, d_model] @ W_in [d_model, d_mlp] -> [batch, pos, d_mlp]
     pre = hp(f"blocks.{layer}.mlp.hook_pre", x @ p["W_in"] + p["b_in"][None, None])
-    post = hp(f"blocks.{layer}.mlp.hook_post", activation(pre, cfg.act_fn))
+    post = hp(f"blocks.{layer}.mlp.hook_post", ACTIVATIONS[cfg.act_fn](pre))
     # post [batch, pos, d_mlp] @ W_out [d_mlp, d_model] -> [batch, pos, d_model]
     return post @ p["W_out"] + p["b_out"][None, None]
 
@@ -171,43 +161,40 @@ def unembed(params: Params, resid: Float[Array, "batch pos d_model"], cfg: Trans
 
 
 # ----------------------------------------------------------------------------- forward
-def run(params: Params, cfg: TransformerConfig, inputs: jax.Array, hp: HookContext, *,
+def run(params: Params, cfg: TransformerConfig, inputs: ArrayLike, hp: HookContext, *,
         start_at_layer: int | None = None, stop_at_layer: int | None = None,
         backend: str | None = None) -> jax.Array:
-    """Tokens [batch, pos] (or, with ``start_at_layer``, the residual [batch, pos, d_model]) ->
-    logits [batch, pos, d_vocab_out] (or, with ``stop_at_layer``, the residual before that block)."""
+    """Tokens [batch, pos] (or a residual [batch, pos, d_model] from ``start_at_layer``) -> logits
+    [batch, pos, d_vocab_out] (or the residual before block ``stop_at_layer``)."""
     backend = fast.resolve_backend(cfg.attention_backend if backend is None else backend)
     start, stop = layer_range(start_at_layer, stop_at_layer, cfg.n_layers)
+    inputs = jnp.asarray(inputs)  # numpy in, jax arrays inside
     resid = embed(params, inputs, cfg, hp) if start_at_layer is None else inputs
     for layer in range(start, stop):
         resid = block(params["blocks"][layer], resid, layer, cfg, hp, backend)
     return resid if stop_at_layer is not None else unembed(params, resid, cfg, hp)
 
 
-def forward(params: Params, cfg: TransformerConfig, tokens: jax.Array, *,
+def forward(params: Params, cfg: TransformerConfig, tokens: ArrayLike, *,
             return_type: str | None = "logits", loss_per_token: bool = False, fwd_hooks=(),
             start_at_layer: int | None = None, stop_at_layer: int | None = None,
             backend: str | None = None) -> Any:
-    """Pure forward pass: ``forward(params, cfg, tokens)`` -> logits [batch, pos, d_vocab_out].
-
+    """Pure forward pass: ``forward(params, cfg, tokens)`` -> logits [batch, pos, d_vocab_out];
     jit-able with ``cfg`` static. ``fwd_hooks``: ``[(name | names | predicate, fn)]``. ``backend``
     ("auto" | "numba" | "xla") overrides ``cfg.attention_backend`` for this run."""
-    return forward_with_cache(params, cfg, tokens, (), return_type=return_type,
+    return forward_with_cache(params, cfg, tokens, (), return_type=return_type, backend=backend,
                               loss_per_token=loss_per_token, fwd_hooks=fwd_hooks,
-                              start_at_layer=start_at_layer, stop_at_layer=stop_at_layer,
-                              backend=backend)[0]
+                              start_at_layer=start_at_layer, stop_at_layer=stop_at_layer)[0]
 
 
-def forward_with_cache(params: Params, cfg: TransformerConfig, tokens: jax.Array,
+def forward_with_cache(params: Params, cfg: TransformerConfig, tokens: ArrayLike,
                        names: frozenset[str] | list[str] | tuple[str, ...], *,
                        return_type: str | None = "logits", loss_per_token: bool = False,
                        fwd_hooks=(), start_at_layer: int | None = None,
                        stop_at_layer: int | None = None, deltas: dict[str, jax.Array] | None = None,
                        backend: str | None = None) -> tuple[Any, dict[str, Array]]:
-    """Pure forward pass that also returns {hook name: activation} for ``names``.
-
-    ``deltas`` (zeros, by hook name) are added at their hook points; differentiating with respect
-    to them gives the gradient of any scalar at those points."""
+    """Pure forward pass that also returns {hook name: activation} for ``names``. ``deltas`` (zeros,
+    by hook name) are added at their points: their gradient is the gradient at those points."""
     check_return_type(return_type, start_at_layer)
     hp = HookContext(fwd_hooks=resolve_fwd_hooks(fwd_hooks, hook_names(cfg)),
                      cache_names=frozenset(names), deltas=deltas)
@@ -251,8 +238,7 @@ def _jit_forward_with_cache(params, tokens, cfg, names, return_type, loss_per_to
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "fwd_hooks", "metric"))
 def _jit_grads(params, tokens, deltas, cfg, names, return_type, loss_per_token, start_at_layer,
                stop_at_layer, backend, fwd_hooks, metric):
-    """(gradients at the cached points, (output, cache)): compiled once per (config, names, hooks,
-    metric, ...), so repeated ``run_with_cache(..., incl_bwd=True)`` calls reuse it."""
+    """(grads at the cached points, (output, cache)), compiled once per (config, names, hooks, ...)."""
     def scalar(deltas):
         out, cache = forward_with_cache(
             params, cfg, tokens, names, return_type=return_type, loss_per_token=loss_per_token,
@@ -267,26 +253,23 @@ def _jit_grads(params, tokens, deltas, cfg, names, return_type, loss_per_token, 
     return jax.grad(scalar, has_aux=True)(deltas)
 
 
-def _hashable_hooks(fwd_hooks) -> tuple:
-    """fwd_hooks as a tuple usable as a static jit argument (a list of names becomes a tuple)."""
-    return tuple((tuple(t) if isinstance(t, (list, set, frozenset)) else t, fn)
-                 for t, fn in (fwd_hooks or ()))
-
-
 @jax.tree_util.register_pytree_node_class
 class HookedTransformer:
-    """An immutable transformer: ``cfg`` (static) + ``params`` (a pytree). It is itself a pytree,
-    so it passes through ``jax.jit``/``jax.grad``. Surgery returns a new model (``with_params``)."""
+    """An immutable transformer, ``cfg`` (static) + ``params``: a pytree through ``jax.jit`` and
+    ``jax.grad``. Surgery returns a new model (``with_params``)."""
 
     def __init__(self, cfg: TransformerConfig, params: Params):
+        check_params(params, cfg)  # shapes and dtypes only (tracers too): no kernel sees others
         self.cfg, self.params = cfg, params
 
-    def tree_flatten(self):
+    def tree_flatten(self):  # the pytree protocol: params are the leaves, cfg is static
         return (self.params,), self.cfg
 
     @classmethod
-    def tree_unflatten(cls, cfg, children):
-        return cls(cfg, children[0])
+    def tree_unflatten(cls, cfg, children):  # JAX unflattens with placeholder leaves: no check
+        model = object.__new__(cls)
+        model.cfg, model.params = cfg, children[0]
+        return model
 
     @classmethod
     def from_config(cls, cfg: TransformerConfig, seed: int = 0) -> HookedTransformer:
@@ -296,20 +279,22 @@ class HookedTransformer:
     def with_params(self, params: Params) -> HookedTransformer:
         return HookedTransformer(self.cfg, params)
 
+    def process_weights(self, **flags) -> HookedTransformer:
+        """TransformerLens' weight processing (fold_ln, center_writing_weights, ...): a new model."""
+        from tinyinterp.processing import process_weights
+
+        return process_weights(self, **flags)
+
     @property
-    def hook_names(self) -> list[str]:
-        """Every hook point of this model, in forward order."""
+    def hook_names(self) -> list[str]:  # every hook point, in forward order
         return hook_names(self.cfg)
 
-    @property
-    def n_params(self) -> int:
-        return count_params(self.params)
+    n_params = property(lambda self: count_params(self.params))
 
     def __repr__(self) -> str:
-        c = self.cfg
-        return (f"HookedTransformer(n_layers={c.n_layers}, d_model={c.d_model}, n_heads={c.n_heads}"
-                f", d_head={c.d_head}, d_vocab={c.d_vocab}, n_ctx={c.n_ctx}, "
-                f"attn_only={c.attn_only}, params={self.n_params:,})")
+        c, keys = self.cfg, ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx", "attn_only")
+        return f"HookedTransformer({', '.join(f'{k}={getattr(c, k)}' for k in keys)}, " \
+            f"params={self.n_params:,})"
 
     def __call__(self, tokens, return_type: str | None = "logits", *, loss_per_token: bool = False,
                  start_at_layer: int | None = None, stop_at_layer: int | None = None,
@@ -346,23 +331,19 @@ class HookedTransformer:
         x = check_tokens(tokens, self.cfg, is_resid=start_at_layer is not None)
         check_return_type(return_type, start_at_layer)
         names = tuple(resolve_names(names_filter, self.hook_names))
-        static = dict(cfg=self.cfg, names=names, return_type=return_type,
-                      loss_per_token=loss_per_token, start_at_layer=start_at_layer,
-                      stop_at_layer=stop_at_layer, backend=backend)
-        if incl_bwd:
-            shapes = jax.eval_shape(lambda: forward_with_cache(
-                self.params, self.cfg, x, names, fwd_hooks=fwd_hooks, backend=backend,
-                return_type=return_type, start_at_layer=start_at_layer,
-                stop_at_layer=stop_at_layer)[1])
-            grads, (out, cache) = _jit_grads(self.params, x, zero_like_tree(shapes),
-                                             fwd_hooks=_hashable_hooks(fwd_hooks), metric=metric,
-                                             **static)
+        run = dict(return_type=return_type, loss_per_token=loss_per_token, backend=backend,
+                   start_at_layer=start_at_layer, stop_at_layer=stop_at_layer)
+        if incl_bwd:  # hooks become a static argument: a tuple of (target, fn), hashable
+            hooks = tuple((tuple(t) if isinstance(t, list) else t, fn) for t, fn in fwd_hooks)
+            shapes = jax.eval_shape(lambda: forward_with_cache(self.params, self.cfg, x, names,
+                                                               fwd_hooks=hooks, **run)[1])
+            grads, (out, cache) = _jit_grads(self.params, x, zero_like_tree(shapes), cfg=self.cfg,
+                                             names=names, fwd_hooks=hooks, metric=metric, **run)
             cache = {**cache, **{f"{k}_grad": g for k, g in grads.items()}}
         elif fwd_hooks:  # hooks may close over the caller's traced values: run as traced
             out, cache = forward_with_cache(self.params, self.cfg, x, names, fwd_hooks=fwd_hooks,
-                                            **{k: v for k, v in static.items() if k not in
-                                               ("cfg", "names")})
+                                            **run)
         else:
-            out, cache = _jit_forward_with_cache(self.params, x, **static)
+            out, cache = _jit_forward_with_cache(self.params, x, cfg=self.cfg, names=names, **run)
         cache = ActivationCache(cache, self, has_batch_dim=True)
         return out, (cache.remove_batch_dim() if remove_batch_dim else cache)

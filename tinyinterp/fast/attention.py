@@ -1,35 +1,30 @@
-"""Attention backends.
+"""Attention functions, each with its Numba kernels beside the jnp that specifies it.
 
-``"xla"`` is plain jnp and is the specification; ``"numba"`` binds the kernels in ``kernels/`` into
-XLA through the typed FFI. Shapes (TransformerLens order):
+``backend="xla"`` is plain jnp (the same math as ``tinyinterp.model``); ``"numba"`` runs the kernels
+in ``kernels/`` through XLA's typed FFI (``tinyinterp.fast.ffi``). Shapes (TransformerLens order):
 
     q, k, v   [batch, pos, head_index, d_head]
     scores    [batch, head_index, query_pos, key_pos]   (scaled, -inf above the diagonal)
     pattern   [batch, head_index, query_pos, key_pos]   (softmax of scores over key_pos)
     z         [batch, pos, head_index, d_head]
 
-The Numba binding: ``kernels/ffi.py`` holds Numba ``@cfunc`` handlers with XLA's typed-FFI C
-signature (``XLA_FFI_Error* (XLA_FFI_CallFrame*)``); they run without the GIL and work on XLA's
-buffers in place. Each is compiled and registered with ``jax.ffi.register_ffi_target`` on its
-first use (``_ensure_target``), and called with
-``jax.ffi.ffi_call``; ``jax.custom_vjp`` pairs the fused forward (which saves only the per-row
-log-sum-exp) with a fused Numba backward that recomputes the probabilities. Variants of the same
-kernels: ``causal_attention_with_pattern`` also writes the scores and/or the pattern (for a cache
-that reads them), and ``packed_causal_attention`` reads q, k, v packed in one
-[batch, pos, 3, head_index, d_head] array and returns one packed gradient.
-``attention_block_fwd`` runs a whole attention sublayer (norm, q/k/v, attention, output
-projection, residual add) as one kernel, for forwards that nobody differentiates or hooks inside.
-``qkv_fwd`` and ``attention_out_fwd`` write q, k, v and the per-head results with the summed
-output, for runs that read those hook points (caches) without editing them.
+``causal_attention`` pairs the fused forward kernel (which saves only the per-row log-sum-exp)
+with a fused backward kernel that recomputes the probabilities (``jax.custom_vjp``).
+``causal_attention_with_pattern`` also writes the scores and/or the pattern (for a cache that reads
+them); ``packed_causal_attention`` reads q, k, v packed in one [batch, pos, 3, head_index, d_head]
+array and returns one packed gradient; ``attention_scores`` and ``apply_pattern`` are the two halves
+around the softmax, for runs whose hooks edit the scores or the pattern. ``attention_block_fwd``,
+``qkv_fwd`` and ``attention_out_fwd`` are forward-only kernels that ``tinyinterp.fast.sublayer``
+pairs with the jnp they replace.
 
-Dtypes: the Numba backend computes in float32 and raises ``TypeError`` for any other dtype (it
-never casts silently); the XLA backend accepts any floating dtype.
+Dtypes: the Numba kernels compute in float32 and these functions raise ``TypeError`` for any other
+dtype on the "numba" backend (they never cast); the model's plan sends other dtypes to the plain
+path. The XLA backend accepts any floating dtype.
 
-Support check: at import, the installed jaxlib version and the XLA FFI API version of its headers
-are compared with the ones the call-frame layout in ``kernels/ffi.py`` was read from. On first use
-of the Numba backend the handlers are registered and a tiny call is checked against the XLA path.
-If anything fails (other versions, not on CPU, Numba cannot compile), the Numba backend falls back
-to XLA with one warning that says why.
+Support check: on first use of the Numba backend (``numba_unavailable_reason``) the jaxlib version
+and the FFI API version of its header are checked (``ffi.version_problem``), the handlers are
+registered and a tiny call is compared with the XLA path. If anything fails (other versions, not on
+CPU, Numba cannot compile), "auto" and "numba" resolve to "xla" with one warning that says why.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from tinyinterp import circuits, detectors
+from tinyinterp.checkpoint import save_model
 from tinyinterp.config import TransformerConfig
 from tinyinterp.model import HookedTransformer
 from tinyinterp.reproduce._io import json_safe, save_figure, write_atomic
@@ -344,7 +345,7 @@ def run(out_dir: str | os.PathLike = "induction-heads", *, seed: int = 0, quick:
         "repeats": float(train_dist["loss_repeated"]), "n_sequences": 256,
         "meaning": "held-out loss on the predictions inside a repeat, training distribution"}
     report["checks"] = _checks(report)
-    model.save(out / "model")
+    save_model(model, out / "model")
     report["checkpoint"] = "model"
     report["figures"] = write_figures(out, report, model, eval_tokens)
     steps_per_s = result.timing.get("steps_per_s") or float("nan")
@@ -356,7 +357,7 @@ def run(out_dir: str | os.PathLike = "induction-heads", *, seed: int = 0, quick:
     if verbose:
         print(summary(report))
         print(f"Wrote {out}/report.md, report.json, {len(report['figures'])} figures and the "
-              f"checkpoint {out / 'model'} (load it with HookedTransformer.load).")
+              f"checkpoint {out / 'model'} (load it with tinyinterp.load_model).")
     return report
 
 
