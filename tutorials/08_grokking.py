@@ -149,9 +149,14 @@ assert 3 <= len(keys) <= 7 and share > 0.5
 #     sin(w(a + b)) = sin(wa) cos(wb) + cos(wa) sin(wb)
 #
 # The embedding gives the MLP `cos(wa), sin(wa), cos(wb), sin(wb)` (attention moves the `a` and
-# `b` information to the `=` position), and the ReLU neurons make the products. So an MLP neuron,
-# as a function of `(a, b)`, should be a wave in `a + b`. Cache the neuron activations at the
-# last position over all pairs:
+# `b` information to the `=` position), so a neuron's input is roughly
+# `alpha cos(wa + phi) + alpha cos(wb + phi)` for one key frequency `w`. The ReLU is not linear:
+# its output contains, besides those two terms, their product
+# `cos(wa + phi) cos(wb + phi) = (cos(w(a + b) + 2 phi) + cos(w(a - b))) / 2`. That is where the
+# `a + b` terms come from; W_out and W_U, summing over many neurons with different phases, keep
+# them. So each neuron, as a function of `(a, b)`, should be made of one frequency's terms: a
+# constant, waves in `a` and in `b`, and their products. Cache the neuron activations at the last
+# position over all pairs and measure how much of each neuron's variance one frequency explains:
 
 # %%
 tokens = jnp.asarray(data.tokens)
@@ -169,9 +174,9 @@ print(f"{on_key.mean():.0%} of those neurons use a key frequency of the embeddin
 assert float(nf.fraction_explained) > 0.5 and on_key.mean() > 0.8
 
 # %% [markdown]
-# In `neurons.png` the strongest neurons show diagonal stripes: constant along `a + b = const`,
-# periodic across. Each is explained almost entirely by a single frequency, and the frequencies
-# are the key frequencies of the embedding.
+# In `neurons.png` the strongest neurons are grids of blobs, periodic in `a` and in `b` with the
+# same period `p / k`. Most neurons are explained almost entirely by a single frequency, and the
+# frequencies are the key frequencies of the embedding.
 #
 # The last step maps `cos(w(a + b))` and `sin(w(a + b))` to the logit of each answer `c`:
 #

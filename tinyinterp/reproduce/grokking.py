@@ -660,9 +660,9 @@ def _markdown(report: dict, figures: list[tuple[str, str]], summary: list[str]) 
            f"init -> {f['W_E']['gini']:.2f}; W_L {f['progress']['gini_W_L'][0]:.2f} -> "
            f"{f['W_L']['gini']:.2f}.", "",
            "How it computes a + b: with w = 2 pi k / p, the embedding gives cos(wa), sin(wa), "
-           "cos(wb), sin(wb); the MLP's ReLUs form the products, so the neurons hold "
-           "cos(w(a+b)) = cos(wa)cos(wb) - sin(wa)sin(wb) and sin(w(a+b)) = sin(wa)cos(wb) + "
-           "cos(wa)sin(wb); W_L maps them to cos(w(a+b))cos(wc) + sin(w(a+b))sin(wc) = "
+           "cos(wb), sin(wb); the MLP's ReLUs, being non-linear, form products of the a and b "
+           "waves, whose parts cos(w(a+b)) = cos(wa)cos(wb) - sin(wa)sin(wb) and sin(w(a+b)) = "
+           "sin(wa)cos(wb) + cos(wa)sin(wb) W_L maps to cos(w(a+b))cos(wc) + sin(w(a+b))sin(wc) = "
            "cos(w(a+b-c)), which is largest (1) exactly at c = a + b mod p. Several frequencies "
            "add up, so the wrong answers cancel while the right one adds.", "",
            "## Checks", "", "| check | threshold | holds |", "|---|---|---|"]
