@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--pos", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=200)
     args = ap.parse_args()
+    tinyinterp.memory.tune_malloc()  # keep freed buffers for reuse, as the CLI does
     print(f"jax {jax.__version__}, devices {jax.devices()}")
     for backend in ("xla", "numba"):
         cfg = tinyinterp.TransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=64,

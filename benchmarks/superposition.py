@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 
+import tinyinterp
 from tinyinterp import superposition as sp
 from tinyinterp.reproduce import superposition as rep
 
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="as in the reproduce command")
     ap.add_argument("--repeat", type=int, default=1, help="run the reproduction this many times")
     args = ap.parse_args()
+    tinyinterp.memory.tune_malloc()  # keep freed buffers for reuse, as the CLI does
     print(f"load average: {os.getloadavg()}  cpus: {os.cpu_count()}")
     t_vmap, t_seq = vmap_vs_sequential()
     print(f"8 instances x 2000 steps: vmapped {t_vmap:.2f} s, one by one {t_seq:.2f} s "

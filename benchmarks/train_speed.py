@@ -31,6 +31,7 @@ import time
 import jax
 import optax
 
+import tinyinterp
 from tinyinterp import HookedTransformer, TransformerConfig
 from tinyinterp.tasks import get_task
 from tinyinterp.train import TrainConfig, make_optimizer, task_loss_fns, train
@@ -131,6 +132,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reproduce-timeout", type=float, default=300.0,
                     help="seconds before the reproduce command is killed")
     args = ap.parse_args(argv)
+    tinyinterp.memory.tune_malloc()  # keep freed buffers for reuse, as the CLI does
 
     print(f"jax {jax.__version__}, {os.cpu_count()} CPUs, load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
