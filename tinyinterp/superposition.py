@@ -54,6 +54,7 @@ Metrics (all on ``W [..., feature, hidden]``; any leading axes such as ``instanc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -384,17 +385,17 @@ def _make_chunk_fn(cfg: ToyModelConfig, n_steps: int, vmapped: bool):
     return jax.jit(one_instance)
 
 
-_CHUNK_FN_CACHE: dict = {}
-
-
 def _chunk_fn(cfg: ToyModelConfig, n_steps: int, vmapped: bool):
     # Compiled functions depend on the training-relevant fields only (not on n_instances, nor on
     # n_steps unless the lr schedule is defined over it, nor on the init).
     total = cfg.n_steps if cfg.lr_schedule != "constant" else 0
-    key = (dataclasses.replace(cfg, n_instances=1, n_steps=total, init_std=None), n_steps, vmapped)
-    if key not in _CHUNK_FN_CACHE:
-        _CHUNK_FN_CACHE[key] = _make_chunk_fn(cfg, n_steps, vmapped)
-    return _CHUNK_FN_CACHE[key]
+    return _cached_chunk_fn(dataclasses.replace(cfg, n_instances=1, n_steps=total, init_std=None),
+                            n_steps, vmapped)
+
+
+@functools.lru_cache(maxsize=32)  # bounded: a long sweep of configs does not grow it forever
+def _cached_chunk_fn(cfg: ToyModelConfig, n_steps: int, vmapped: bool):
+    return _make_chunk_fn(cfg, n_steps, vmapped)
 
 
 def _run(cfg, params, opt_state, seeds, importance, prob, start, n_steps, vmapped, progress):
