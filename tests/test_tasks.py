@@ -293,6 +293,12 @@ def test_repeated_tokens_mixed_sampling_statistics():
     content = np.concatenate([r[s:] for r, (s, _) in zip(toks, segs, strict=True)])
     assert set(content.tolist()) == set(range(64))  # every id, 0 included
     assert len({L for _, L in segs}) == 25 and 0.3 < np.mean([s <= 1 for s, _ in segs]) < 0.7
+    more = get_task("induction", d_vocab=64, length=32, n_repeats=2, min_length=8, bos=False,
+                    filler="mixed", sampling="mixed", no_filler=0.75)
+    b = jax.device_get(more.sample(jax.random.key(1), 2000))
+    starts = [_segment_from_masks(r, a, f)[0]
+              for r, a, f in zip(b["tokens"], b["answer_mask"], b["first_mask"], strict=True)]
+    assert 0.72 < np.mean(np.array(starts) == 0) < 0.78  # no filler for a fraction no_filler
 
 
 def test_repeated_tokens_sampling_errors():
@@ -306,5 +312,9 @@ def test_repeated_tokens_sampling_errors():
         get_task("induction", min_length=8, filler="mixed", sampling="sometimes")
     with pytest.raises(ValueError, match="bos"):
         get_task("induction", min_length=8, filler="mixed", bos="maybe")
+    with pytest.raises(ValueError, match="no_filler"):
+        get_task("induction", min_length=8, filler="mixed", no_filler=float("nan"))
+    with pytest.raises(ValueError, match="no_filler"):
+        get_task("induction", min_length=8, filler="mixed", no_filler=1.0)
     with pytest.raises(ValueError, match="distinct ids"):
         get_task("induction", d_vocab=16, min_length=8, filler="mixed", sampling="mixed")

@@ -34,8 +34,8 @@ The tasks (``get_task(name, **options)``; ``TASKS`` lists the names and their op
     other and from the segment (the only repeated tokens are the repeats); ``"repeat"`` no filler:
     the segment starts at position 0 and repeats cyclically to the end of the context;
     ``"mixed"`` (what the induction-heads reproduction trains on) a filler of distinct tokens
-    whose length is 0 for about half the sequences and otherwise uniform in
-    ``[1, n_repeats * (length - L)]``, then the segment repeated cyclically to the end (at least
+    whose length is 0 for a fraction ``no_filler`` of the sequences (default 0.5) and otherwise
+    uniform in ``[1, n_repeats * (length - L)]``, then the segment repeated cyclically to the end (at least
     ``n_repeats`` times). Why: with PAD filler the amount of padding gives the period away (so a
     positional solution remains); ``"repeat"`` alone lets the model rely on the segment starting
     at 0 (it then fails when a filler comes first); ``"distinct"`` alone leaves start = 0 rare, and
@@ -77,7 +77,6 @@ from jaxtyping import Array, Bool, Float, Int
 
 Batch = dict[str, jax.Array]
 PAD = 0  # the padding token of repeated_tokens with min_length (also the BOS token)
-NO_FILLER_FRACTION = 0.5
 
 
 # ----------------------------------------------------------------------------- the Task object
@@ -190,20 +189,25 @@ def _masks(batch_size: int, loss: np.ndarray, answer: np.ndarray) -> dict[str, j
 
 
 def _repeated_tokens(d_vocab: int, length: int, n_repeats: int, bos: bool | str, loss_on: str,
-                     min_length: int = 0, filler: str = "pad", sampling: str = "distinct"):
+                     min_length: int = 0, filler: str = "pad", sampling: str = "distinct",
+                     no_filler: float = 0.5):
     o = 1 if bos else 0
     seq_len = o + length * n_repeats
     if min_length > length:
         raise ValueError(f"task 'repeated_tokens': min_length={min_length} must be <= "
                          f"length={length} (0 turns it off)")
-    if min_length in (0, length) and (sampling != "distinct" or bos == "mixed"):
-        raise ValueError(f"task 'repeated_tokens': sampling={sampling!r} and bos={bos!r} apply to a "
-                         f"varying period; set min_length (1 <= min_length < length={length}), or "
-                         "use the defaults sampling='distinct' and bos=True/False (a fixed period "
+    if min_length in (0, length) and (sampling != "distinct" or bos == "mixed"
+                                      or no_filler != 0.5):
+        raise ValueError(f"task 'repeated_tokens': sampling={sampling!r}, bos={bos!r} and "
+                         f"no_filler={no_filler} apply to a varying period; set min_length "
+                         f"(1 <= min_length < length={length}), or "
+                         "use the defaults sampling='distinct', no_filler=0.5 and bos=True/False "
+                         "(a fixed period "
                          "already draws its tokens with replacement)")
-    if min_length not in (0, length) and (sampling != "distinct" or bos == "mixed"):
+    if min_length not in (0, length) and (sampling != "distinct" or bos == "mixed"
+                                          or no_filler != 0.5):
         return _mixed_repeated_tokens(d_vocab, length, n_repeats, bos, loss_on, min_length,
-                                      filler, sampling)
+                                      filler, sampling, no_filler)
     if min_length in (0, length):
         answer = np.arange(seq_len - 1) >= o + length
         first = np.arange(seq_len - 1) < o + length - 1
@@ -269,7 +273,8 @@ def _repeated_tokens(d_vocab: int, length: int, n_repeats: int, bos: bool | str,
 
 
 def _mixed_repeated_tokens(d_vocab: int, length: int, n_repeats: int, bos: bool | str,
-                           loss_on: str, min_length: int, filler: str, sampling: str):
+                           loss_on: str, min_length: int, filler: str, sampling: str,
+                           no_filler: float):
     """The varying-period sampler with ``sampling`` "replacement"/"mixed" or ``bos="mixed"``
     (see the module docstring). Every sequence is a body of ``seq_len`` tokens (filler, then the
     segment repeated cyclically to the end); a BOS row is ``[0] + body[:-1]``."""
@@ -308,12 +313,12 @@ def _mixed_repeated_tokens(d_vocab: int, length: int, n_repeats: int, bos: bool 
         n_body = seq_len  # the body fills the whole sequence; a BOS row drops its last token
         if filler == "repeat":
             start = jnp.zeros_like(seg_len)
-        elif filler == "mixed":  # no filler for NO_FILLER_FRACTION of the sequences, else uniform
+        elif filler == "mixed":  # no filler for no_filler of the sequences, else uniform
             most = n_repeats * (length - seg_len)  # [batch, 1]
             u = jax.random.uniform(k_start, (batch_size, 1))  # [batch, 1]
-            amount = jnp.floor((u - NO_FILLER_FRACTION) / (1.0 - NO_FILLER_FRACTION) *
+            amount = jnp.floor((u - no_filler) / (1.0 - no_filler) *
                                most.astype(jnp.float32)).astype(jnp.int32) + 1
-            start = jnp.where(u < NO_FILLER_FRACTION, 0, jnp.minimum(amount, most))
+            start = jnp.where(u < no_filler, 0, jnp.minimum(amount, most))
         else:  # "pad" / "distinct": the segment ends exactly n_repeats periods after its start
             start = n_repeats * (length - seg_len)  # [batch, 1]
         j = jnp.arange(n_body, dtype=jnp.int32)[None, :]  # [1, body]
@@ -383,7 +388,7 @@ TASKS: dict[str, tuple[Callable, dict[str, Any]]] = {
     "repeated_tokens": (_repeated_tokens,
                         {"d_vocab": 64, "length": 32, "n_repeats": 2, "bos": False,
                          "loss_on": "all", "min_length": 0, "filler": "pad",
-                         "sampling": "distinct"}),
+                         "sampling": "distinct", "no_filler": 0.5}),
     "copy": (lambda **o: _seq2seq("copy", **o), {"n_symbols": 16, "length": 8}),
     "reverse": (lambda **o: _seq2seq("reverse", **o), {"n_symbols": 16, "length": 8}),
     "sort": (lambda **o: _seq2seq("sort", **o), {"n_symbols": 16, "length": 8}),
@@ -411,6 +416,14 @@ def _check_option(task: str, name: str, value: Any, default: Any) -> Any:
         if value < _MIN[name]:
             raise ValueError(f"task {task!r}: option {name} must be >= {_MIN[name]}, got {value}")
         return int(value)
+    if isinstance(default, float):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                          np.floating)):
+            raise TypeError(f"task {task!r}: option {name} must be a number, got {value!r}")
+        if not 0.0 <= float(value) < 1.0:  # NaN fails too
+            raise ValueError(f"task {task!r}: option {name} is a fraction of the sequences and "
+                             f"must be in [0, 1), got {value!r}")
+        return float(value)
     if name == "filler" and value not in ("pad", "distinct", "repeat", "mixed"):
         raise ValueError(f"task {task!r}: option filler must be 'pad', 'distinct', 'repeat' or "
                          f"'mixed', got {value!r}")
