@@ -351,3 +351,27 @@ def test_init_std_option():
     np.testing.assert_array_equal(a, b[:2])
     with pytest.raises(ValueError, match="init_std"):
         sp.ToyModelConfig(init_std=-1.0)
+
+
+@pytest.mark.parametrize("importance,probability,match", [
+    (1.0, float("nan"), "finite"),
+    (1.0, 1.5, r"\[0, 1\]"),
+    (1.0, -0.1, r"\[0, 1\]"),
+    (1.0, 0.0, "all zero"),
+    (-1.0, 0.1, ">= 0"),
+    (float("inf"), 0.1, "finite"),
+    (0.0, 0.1, "all zero"),
+])
+def test_train_rejects_bad_probability_and_importance(importance, probability, match):
+    """A NaN or out-of-range feature probability (all-zero data, loss 0), or a negative
+    importance (negative loss), is a clear error before any training."""
+    cfg = sp.ToyModelConfig(n_features=5, n_hidden=2, n_instances=2, n_steps=10, batch_size=8)
+    imp = np.full((5,), importance, np.float32)
+    prob = np.full((5,), probability, np.float32)
+    with pytest.raises(ValueError, match=match):
+        sp.train(cfg, jax.random.key(0), imp, prob)
+    if probability == 1.5:  # per instance too: one bad instance is enough
+        ok = np.full((2, 5), 0.1, np.float32)
+        ok[1, 3] = 1.5
+        with pytest.raises(ValueError, match="feature_probability"):
+            sp.train(cfg, jax.random.key(0), np.ones(5, np.float32), ok)

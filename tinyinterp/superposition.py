@@ -418,6 +418,19 @@ def _run(cfg, params, opt_state, seeds, importance, prob, start, n_steps, vmappe
 
 
 def _check_per_instance(name, value, cfg):
+    v = np.asarray(value, dtype=np.float64)
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"{name} must be finite; it has {int(np.sum(~np.isfinite(v)))} NaN/inf "
+                         "entries.")
+    if name == "feature_probability" and (v.min(initial=0.0) < 0 or v.max(initial=0.0) > 1):
+        raise ValueError(f"feature_probability is the probability that a feature is present, so "
+                         f"each entry must be in [0, 1]; got values in [{v.min():g}, {v.max():g}].")
+    if name == "importance" and v.min(initial=0.0) < 0:
+        raise ValueError(f"importance weights the loss per feature and must be >= 0 (a negative "
+                         f"weight rewards error, and the loss goes negative); got min {v.min():g}.")
+    if v.size and not np.all(np.any(v.reshape(-1, v.shape[-1]) > 0, axis=-1)):
+        raise ValueError(f"{name} is 0 for every feature of an instance: its data (or loss) is "
+                         "all zero and nothing can be learned; give some feature a positive value.")
     arr = jnp.asarray(value, dtype=jnp.float32)
     if arr.ndim == 1:  # shared by all instances
         arr = jnp.broadcast_to(arr[None, :], (cfg.n_instances, arr.shape[0]))
