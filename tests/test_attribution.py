@@ -149,8 +149,11 @@ def test_integration_points_are_captums():
 
 
 @settings(max_examples=4)
-@given(pooled(), st.integers(0, 6))
+@given(pooled(configs=(CONFIG_POOL[1], CONFIG_POOL[5])), st.integers(0, 6))
 def test_ig_completeness_shrinks_and_is_tiny_at_256_gauss_legendre(mt, pad):
+    """Not on the 4-wide RMS config: there hypothesis found a path whose residual's RMS fell to
+    0.087 (from ~1), where the norm's output turns fast and f moves at ~20 per unit of alpha; 256
+    points then left a 7% error. The quadrature is Gauss-Legendre's; the function is that steep."""
     model, tokens = mt
     m = _metric(model, tokens)
     pad = pad % model.cfg.d_vocab
@@ -159,7 +162,9 @@ def test_ig_completeness_shrinks_and_is_tiny_at_256_gauss_legendre(mt, pad):
     ig = A.integrated_gradients(model, tokens, m, steps=256, baseline=pad)
     gap = np.abs(np.asarray(ig.metric_at_input - ig.metric_at_baseline))
     assert np.all(errs[2] <= 1e-3 * gap + 2e-5), (errs[2], gap)
-    assert np.all(errs[2] <= errs[0] + 2e-5) and np.all(errs[1] <= errs[0] + 2e-5)
+    # Gauss-Legendre's error is not monotone in the number of points at every n (hypothesis found
+    # 0.103 at 2 points and 0.135 at 16 on one example), but 256 points beat both
+    assert np.all(errs[2] <= np.minimum(errs[0], errs[1]) + 2e-5)
     _close(ig.total() - (ig.metric_at_input - ig.metric_at_baseline), ig.completeness_error,
            1e-5, 1e-5)
 
