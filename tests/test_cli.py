@@ -154,6 +154,7 @@ def test_resume_refuses_contradicting_flags(tmp_path, capsys, no_training, flags
     assert rc == 2
     one_line_error(err, r"--resume continues the run stored in .* these flags contradict them: "
                         + match + r".*Only --steps, --eval-every")
+    assert "attention-backend" not in err.split("contradict them:")[1].split(". Drop")[0]
 
 
 @pytest.mark.parametrize("flags, match", [
@@ -181,14 +182,18 @@ def test_resume_keeps_the_stored_settings_and_says_so(tmp_path, capsys, fake_tra
     stored_run(tmp_path)
     # repeating a stored setting is fine; without --steps the stored run's steps are the target
     rc, out, err = run(["train", "--out", tmp_path, "--resume", "--n-layers", "1", "--lr", "0.01",
-                        "--task", "copy", "--eval-every", "2"], capsys)
+                        "--task", "copy", "--eval-every", "2", "--attention-backend", "xla"],
+                       capsys)
     assert rc == 0, err
     assert "resuming" in out and "at step 4 and training to step 8 (the stored run's steps" in out
+    assert "attention backend 'xla'" in out
     (call,) = fake_train
     assert call["resume"] and call["cfg"] == CFG and call["task"] == TASK
     assert call["tc"] == TC.replace(eval_every=2, progress=None)
     rc, out, _ = run(["train", "--out", tmp_path, "--resume", "--steps", "12"], capsys)
     assert rc == 0 and fake_train[-1]["tc"].steps == 12 and "training to step 12" in out
+    # the attention backend is a run option (never stored): each run picks it, default auto
+    assert fake_train[-1]["cfg"] == CFG.replace(attention_backend="auto")
     # a run already at its last step: nothing to do, and it says how to go on
     stored_run(tmp_path / "done", step=8)
     rc, out, _ = run(["train", "--out", tmp_path / "done", "--resume"], capsys)
@@ -236,7 +241,8 @@ def test_train_then_resume_end_to_end(tmp_path, capsys):
     rc, out, err = run(["train", "--out", tmp_path / "a", "--steps", "4", *SMALL], capsys)
     assert rc == 0, err
     assert "trained copy for 4 steps" in out
-    rc, out, err = run(["train", "--out", tmp_path / "a", "--resume", "--steps", "6"], capsys)
+    rc, out, err = run(["train", "--out", tmp_path / "a", "--resume", "--steps", "6",
+                        "--attention-backend", "xla"], capsys)  # (the same backend: same bits)
     assert rc == 0, err
     assert "resuming" in out and "trained copy for 6 steps" in out
     rc, _, err = run(["train", "--out", tmp_path / "b", "--steps", "6", *SMALL], capsys)

@@ -44,6 +44,9 @@ _OPT_DEFAULTS = {"steps": 1000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 0,
                  "eval_every": 0, "checkpoint_every": 0}
 # What may change when a run is resumed (host-side loop settings: they do not change the bits).
 _RESUME_FREE = ("steps", "eval_every", "checkpoint_every")
+# How a run computes, not what the model is: never stored in a checkpoint, chosen anew by each run
+# (a run resumes bit for bit on the backend it was trained with; another one agrees to rounding).
+_RUN_OPTIONS = ("attention_backend",)
 
 
 def _add_train(sub) -> None:
@@ -56,7 +59,8 @@ def _add_train(sub) -> None:
                     "are checked before any work. With --resume the run continues with the "
                     "settings stored in its checkpoint: model, task and optimizer flags may only "
                     "repeat them (a contradiction is an error); --steps (default: the stored "
-                    "run's steps), --eval-every, --checkpoint-every and --no-progress may change.")
+                    "run's steps), --eval-every, --checkpoint-every, --no-progress and "
+                    "--attention-backend (a run option, never stored) may change.")
     p.add_argument("--task", default=None,
                    help=f"one of {sorted(TASKS)} (default: repeated_tokens)")
     p.add_argument("--task-option", action="append", default=[], metavar="NAME=VALUE",
@@ -74,7 +78,9 @@ def _add_train(sub) -> None:
     m.add_argument("--act-fn", help="default: gelu")
     m.add_argument("--normalization-type", help="LN (default), LNPre, RMS, RMSPre or none")
     m.add_argument("--attn-only", action="store_true", default=None)
-    m.add_argument("--attention-backend", choices=("auto", "numba", "xla"), help="default: auto")
+    m.add_argument("--attention-backend", choices=("auto", "numba", "xla"),
+                   help="default: auto; how this run computes, not stored in the checkpoint (a "
+                        "run resumes bit for bit on the backend it was trained with)")
     o = p.add_argument_group("optimizer")
     o.add_argument("--steps", type=int,
                    help="total steps (default: 1000; with --resume: the stored run's steps)")
@@ -165,7 +171,7 @@ def _resume_settings(args):
 
     for name in _MODEL_DEFAULTS:
         given = getattr(args, name)
-        if given is None:
+        if given is None or name in _RUN_OPTIONS:
             continue
         if name == "normalization_type":
             stored = cfg.normalization_type
@@ -198,7 +204,8 @@ def _resume_settings(args):
             f"--resume continues the run stored in {args.out} with its stored settings, and "
             f"these flags contradict them: {'; '.join(conflicts)}. Drop them (the stored "
             "settings are used), or start a new run with another --out. Only --steps, "
-            "--eval-every, --checkpoint-every and --no-progress may change on resume.")
+            "--eval-every, --checkpoint-every, --no-progress and --attention-backend may change "
+            "on resume.")
     changes = {name: getattr(args, name) for name in _RESUME_FREE if getattr(args, name) is not None}
     if "steps" in changes:
         if changes["steps"] < stored_step:
@@ -210,6 +217,7 @@ def _resume_settings(args):
                              "change the trajectory already trained; resume without --steps, or "
                              "start a new run")
     tc = tc.replace(progress=False if args.no_progress else None, **changes)
+    cfg = cfg.replace(attention_backend=_given(args, "attention_backend", _MODEL_DEFAULTS))
     return cfg, task, tc, stored_step
 
 
@@ -256,7 +264,7 @@ def _run_train(args) -> int:
             return 0
         print(f"resuming {args.out} at step {stored_step} and training to step {tc.steps}"
               + ("" if args.steps is not None else " (the stored run's steps; --steps N trains "
-                 "further)"), flush=True)
+                 "further)") + f", attention backend {cfg.attention_backend!r}", flush=True)
     else:
         cfg, task, tc = _new_settings(args)
     result = train(cfg, task, tc, out_dir=args.out, resume=args.resume, overwrite=args.overwrite)
