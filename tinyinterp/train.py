@@ -543,7 +543,9 @@ def train(model_or_cfg, task: Task | str, train_cfg: TrainConfig | None = None, 
 def resume_task(out_dir: str | Path) -> tuple[TransformerConfig, Task, TrainConfig]:
     """(model config, task, train config) stored in ``out_dir``'s checkpoint, to resume a run
     whose settings you no longer have: ``train(cfg, task, tc, out_dir=out_dir, resume=True)``.
-    A checkpoint without these settings, or with invalid ones, is a ``CheckpointError``."""
+    The attention backend is a run option, not stored: ``cfg`` has the default ("auto"); resume
+    on the backend the run was trained with (``cfg.replace(attention_backend=...)``) for the same
+    bits. A checkpoint without these settings, or with invalid ones, is a ``CheckpointError``."""
     c = ckpt_lib.read_config(Path(out_dir) / CHECKPOINT_DIR)
     file = c["_path"] / ckpt_lib.CONFIG_FILE
     for field in ("model_config", "task", "train_config"):
