@@ -443,7 +443,7 @@ def _baseline(model, tokens, names: tuple[str, ...], x: dict[str, jax.Array], ba
                              f" got {sorted(baseline)}")
         return {n: _float_baseline(baseline[n], x[n], n) for n in names}
     b = baseline if isinstance(baseline, jax.Array) else np.asarray(baseline)
-    if jnp.issubdtype(b.dtype, jnp.integer) or jnp.issubdtype(b.dtype, jnp.bool_):
+    if jnp.issubdtype(b.dtype, jnp.integer):
         if b.ndim == 0:
             b = jnp.full(tokens.shape, jnp.asarray(b, jnp.int32))
         elif b.ndim == 1:
@@ -672,7 +672,11 @@ def integrated_gradients(model, tokens: Int[Array, "batch pos"], metric: MetricF
     step near 32 MiB of activations) folded into the batch axis, scanned over the chunks.
 
     -> Attribution with ``metric_at_input`` f(x), ``metric_at_baseline`` f(x') and the
-    completeness error sum(IG) - (f(x) - f(x')) per example (the quadrature's error)."""
+    completeness error sum(IG) - (f(x) - f(x')) per example (the quadrature's error). It grows
+    where the path is steep: "zeros" at the embeddings of a normed model is one such baseline
+    (LN(a x) = LN(x), so f is flat for a > 0 and jumps near a = 0, which Riemann rules with a
+    point at 0 miss), and so is a path on which a narrow residual's norm nearly vanishes. Prefer
+    a PAD token or the mean embedding, and watch the error."""
     tokens = _tokens(model, tokens)
     steps = _check_steps(steps)
     integration_points(steps, method)  # validates method and steps together
