@@ -1,9 +1,26 @@
-"""Test-wide strictness (as in Equinox): no silent dtype or rank promotion."""
+"""Test-wide strictness (as in Equinox): no silent dtype or rank promotion, and the shape
+annotations of the model's modules checked at run time (jaxtyping + beartype)."""
 
 import os
+import sys
 
-import jax
-from hypothesis import HealthCheck, Phase, settings
+from jaxtyping import install_import_hook
+
+# `python -m pytest` puts the repository root on sys.path, where the top-level kernels/ folder
+# would shadow any installed package named "kernels" (Hugging Face's, which transformers imports
+# for TransformerLens). Tests import tinyinterp as installed (tinyinterp.kernels included).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+
+# Before anything imports them: every call of an annotated function in these modules checks its
+# arguments' and result's shapes against the annotation (consistently across arguments), so an
+# annotation that lies fails the tests.
+_CHECKED = ["tinyinterp.model", "tinyinterp.fast", "tinyinterp.inputs", "tinyinterp.cache",
+            "tinyinterp.circuits", "tinyinterp.detectors"]
+install_import_hook(_CHECKED, "beartype.beartype")
+
+import jax  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")

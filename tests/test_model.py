@@ -456,3 +456,22 @@ def test_the_attention_backend_is_a_run_option_not_part_of_a_checkpoint(tmp_path
     tokens = jnp.zeros((2, 5), jnp.int32)
     np.testing.assert_allclose(np.asarray(loaded(tokens, backend="xla")),
                                np.asarray(loaded(tokens, backend="numba")), rtol=1e-5, atol=1e-6)
+
+
+def test_incl_bwd_compiles_once_per_config_names_and_hooks():
+    """run_with_cache(..., incl_bwd=True) reuses its compiled program across calls (it used to
+    re-trace a fresh closure every time)."""
+    from tinyinterp import model as model_module
+
+    cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=7,
+                            attn_only=True)
+    model = HookedTransformer.from_config(cfg, seed=0)
+    tokens = jnp.zeros((2, 5), jnp.int32)
+    names = ["blocks.0.hook_resid_post"]
+    model.run_with_cache(tokens, names, return_type="loss", incl_bwd=True)
+    before = model_module._jit_grads._cache_size()
+    for seed in range(3):  # other params and tokens of the same shapes: no new program
+        other = HookedTransformer.from_config(cfg, seed=seed + 1)
+        loss, cache = other.run_with_cache(tokens + seed, names, return_type="loss", incl_bwd=True)
+        assert cache["blocks.0.hook_resid_post_grad"].shape == (2, 5, 8)
+    assert model_module._jit_grads._cache_size() == before

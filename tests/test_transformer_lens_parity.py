@@ -1,20 +1,28 @@
 """Same weights -> same activations at every hook point as TransformerLens (float32 rounding).
 
-Needs ``transformer_lens`` (and torch), which the test extra does not install (torch is several
-hundred MB); the test is skipped without it. Run it with TL installed:
-``pip install torch transformer_lens && python -m pytest tests/test_transformer_lens_parity.py``.
+The project's one check against an independent implementation. The test extra installs torch
+(CPU) and transformer-lens (``pip install ".[test]"``); elsewhere the tests skip without them, but
+in CI (``CI=true``) a missing TransformerLens is an error, never a skip.
 """
+
+import os
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from plan_scenarios import scenario
 
+from tinyinterp.fast.plan import PLANS
 from tinyinterp.interop import to_transformer_lens_state_dict
 from tinyinterp.testing import configs, models
 
-tl = pytest.importorskip("transformer_lens")
-torch = pytest.importorskip("torch")
+if os.environ.get("CI") == "true":
+    import torch
+    import transformer_lens as tl
+else:
+    tl = pytest.importorskip("transformer_lens")
+    torch = pytest.importorskip("torch")
 
 
 def tl_model_for(model):
@@ -60,38 +68,41 @@ def test_every_hook_point_matches_transformer_lens(model, seed):
     np.testing.assert_allclose(np.asarray(logits), tl_logits.numpy(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("norm,attn_only", [("LN", True), ("RMS", False), (None, True)])
-def test_numba_paths_match_transformer_lens(norm, attn_only):
-    """The Numba backend at shapes its kernels take (d_model and head_index * d_head whole
-    16-float vectors, batch >= 2): the full cache (the q/k/v and attention-output kernels) and
-    the plain forward (the fused sublayer kernel) against TransformerLens."""
+@pytest.mark.parametrize("plan", PLANS, ids=str)
+@pytest.mark.parametrize("norm,attn_only", [("LN", False), ("RMS", True)])
+def test_every_plan_setting_matches_transformer_lens(plan, norm, attn_only):
+    """Each setting of tinyinterp.fast.PLANS (reached through the hooks and cache of
+    tests/plan_scenarios.py on layer 1; layer 0 runs the plain forward's plan) at shapes the
+    kernels take (d_model and head_index * d_head whole 16-float vectors, batch >= 2), against
+    TransformerLens: every cached value and the logits."""
     import jax
 
     import tinyinterp
+    from tinyinterp.model import forward_with_cache
 
-    problem = tinyinterp.fast.numba_unavailable_reason()
-    if problem is not None:
-        pytest.skip(f"numba backend unavailable: {problem}")
-    cfg = tinyinterp.TransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=50,
-                                       n_ctx=24, d_mlp=128, attn_only=attn_only,
-                                       normalization_type=norm, attention_backend="numba")
+    if plan.route != "plain" and tinyinterp.fast.numba_unavailable_reason() is not None:
+        pytest.skip(f"numba backend unavailable: {tinyinterp.fast.numba_unavailable_reason()}")
+    cfg = tinyinterp.TransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_vocab=50,
+                                       n_ctx=12, d_mlp=64, attn_only=attn_only,
+                                       normalization_type=norm)
     model = tinyinterp.HookedTransformer.from_config(cfg, seed=3)
     leaves, tree = jax.tree.flatten(model.params)  # biases and norm weights away from 0 / 1
     keys = jax.random.split(jax.random.key(1), len(leaves))
     model = model.with_params(jax.tree.unflatten(
         tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]))
     tokens = np.random.default_rng(0).integers(0, cfg.d_vocab, size=(3, cfg.n_ctx)).astype(np.int32)
-    logits, cache = model.run_with_cache(tokens)
+    names, hooks, backend = scenario(plan, layer=1)
+    names = names + ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    logits, cache = jax.jit(lambda p: forward_with_cache(p, cfg, tokens, names, fwd_hooks=hooks,
+                                                         backend=backend))(model.params)
     with torch.no_grad():
         tl_logits, tl_cache = tl_model_for(model).run_with_cache(torch.tensor(tokens).long())
+    assert set(cache) == set(names)
     for name, ours in cache.items():
-        if name not in tl_cache.cache_dict:
-            continue
         theirs, ours = tl_cache[name].numpy(), np.asarray(ours)
         finite = np.isfinite(theirs)
         assert np.array_equal(finite, np.isfinite(ours)), name
         scale = max(1.0, float(np.abs(theirs[finite]).max(initial=0.0)))
         np.testing.assert_allclose(ours[finite], theirs[finite], rtol=1e-4, atol=1e-5 * scale,
                                    err_msg=name)
-    for ours in (logits, model(tokens)):
-        np.testing.assert_allclose(np.asarray(ours), tl_logits.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits), tl_logits.numpy(), rtol=1e-4, atol=1e-4)

@@ -120,6 +120,11 @@ CONFIG_POOL: tuple[TransformerConfig, ...] = (
                       attn_only=False, normalization_type="RMSPre", act_fn="gelu_fast"),
     TransformerConfig(n_layers=2, d_model=4, n_heads=4, d_head=1, d_vocab=8, n_ctx=5,
                       attn_only=True, normalization_type=None, act_fn="relu"),
+    # d_model and n_heads * d_head whole 16-float vectors: the shapes the fused Numba kernels take
+    TransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=12, d_vocab=10, n_ctx=6,
+                      attn_only=False, normalization_type="LN", act_fn="gelu"),
+    TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_head=16, d_vocab=9, n_ctx=7,
+                      attn_only=True, normalization_type="RMS", act_fn="relu"),
 )
 
 

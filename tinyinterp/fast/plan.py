@@ -48,7 +48,9 @@ class Plan:
     out: str = ""  # route "kernels": "kernel" | "jnp"
 
     def __str__(self) -> str:
-        return self.route if self.route != "kernels" else f"kernels(qkv={self.qkv}, core={self.core}, out={self.out})"
+        if self.route != "kernels":
+            return self.route
+        return f"kernels(qkv={self.qkv}, core={self.core}, out={self.out})"
 
 
 PLAIN, FUSED = Plan("plain"), Plan("fused")
