@@ -576,7 +576,7 @@ def checks(result: TrainResult, f: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out["lean_step_is_the_model"] = {
         "holds": f["lean_vs_model_max_abs_logit_diff"] < 1e-3,
         "value": f["lean_vs_model_max_abs_logit_diff"],
-        "threshold": "max |lean - model| logit < 1e-3",
+        "threshold": "max abs(lean - model) logit < 1e-3",
         "words": (f"The trained parameters in the HookedTransformer give the same logits as the "
                   f"lean training step (max difference {f['lean_vs_model_max_abs_logit_diff']:.2g}).")}
     return out
