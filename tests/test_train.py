@@ -136,6 +136,7 @@ def test_an_interrupted_save_is_resumed_never_retrained_or_deleted(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint.old"]
     with pytest.warns(UserWarning, match="interrupted"):
         cfg, task, tc = resume_task(tmp_path)
+    cfg = cfg.replace(attention_backend=CFG.attention_backend)  # (a run option; shares the compile)
     seen = []
     with pytest.warns(UserWarning, match="moved back"):
         resumed = train(cfg, task, tc, out_dir=tmp_path, resume=True,
