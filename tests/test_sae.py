@@ -254,3 +254,124 @@ def test_reproduce_quick_writes_a_valid_report(tmp_path):
     by = {(r["l1_coefficient"], r["dict_size"]): r["mmcs"] for r in runs}
     assert by[(0.3, 128)] > by[(0.3, 64)] + 0.05 and by[(0.3, 128)] > by[(0.03, 128)] + 0.1, by
     assert 0.0 <= report["toy_model"]["mmcs_over_represented"] <= 1.0
+    # TopK and JumpReLU beside it, each sweep one batched program (quick run measured: TopK
+    # MMCS 0.76-0.81 at L0 = k, JumpReLU 0.61-0.70 with L0 falling as lambda_0 grows)
+    variants = report["ground_truth"]["variants"]
+    assert [v["architecture"] for v in variants] == ["topk"] * 3 + ["jumprelu"] * 3
+    for v in variants:
+        assert 0.5 < v["mmcs"] <= 1.0, v
+        if v["architecture"] == "topk":
+            assert v["l0"] <= v["knob_value"] + 1e-6
+    l0s = [v["l0"] for v in variants if v["architecture"] == "jumprelu"]
+    assert l0s == sorted(l0s, reverse=True), l0s
+    assert "TopK" in "\n".join(report["summary"]) and "JumpReLU" in "\n".join(report["summary"])
+
+
+# -------------------------------------------------------------------------------- variants, sweeps
+@settings(max_examples=10, deadline=None)
+@given(k=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_topk_keeps_exactly_the_k_largest_pre_activations(k, seed):
+    cfg = sae.SAEConfig(d_in=8, d_sae=16, architecture="topk", k=k)
+    p = sae.init_params(cfg, jax.random.key(seed))
+    x = jax.random.normal(jax.random.key(seed + 1), (32, 8), jnp.float32)
+    pre = np.asarray(sae.pre_activations(p, x))
+    f = np.asarray(sae.encode(p, x, cfg=cfg))
+    top = np.argsort(-pre, axis=1)[:, :k]  # numpy's own ranking
+    expected = np.zeros_like(pre)
+    np.put_along_axis(expected, top, np.maximum(np.take_along_axis(pre, top, axis=1), 0), axis=1)
+    np.testing.assert_allclose(f, expected, rtol=1e-6, atol=1e-6)
+    assert ((f > 0).sum(axis=1) <= k).all()
+    # every pre-activation positive: exactly k active latents on every input
+    shifted = {**p, "b_enc": p["b_enc"] + 100.0}
+    assert ((np.asarray(sae.encode(shifted, x, cfg=cfg)) > 0).sum(axis=1) == k).all()
+
+
+def test_jumprelu_threshold_gets_the_pseudo_derivative():
+    """Rajamanoharan et al. (2024): d/dtheta H(z - theta) = -(1/eps) K((z - theta)/eps) and
+    d/dtheta JumpReLU = -(theta/eps) K(...), K the rectangle on (-1/2, 1/2); z's gradient is the
+    plain one where active and nothing through the jump."""
+    bw = 0.1
+    theta = jnp.asarray([0.5, 1.0], jnp.float32)
+    z = jnp.asarray([[0.47, 0.2], [0.58, 1.04], [0.52, 0.96], [0.9, 2.0]], jnp.float32)
+    near = (np.abs(np.asarray(z) - np.asarray(theta)[None]) < bw / 2)  # in the kernel's window
+    g_step = jax.grad(lambda t: jnp.sum(sae.heaviside_step(z, t, bw)))(theta)
+    np.testing.assert_allclose(g_step, -near.sum(0) / bw, rtol=1e-6)
+    g_theta, g_z = jax.grad(lambda t, zz: jnp.sum(sae.jumprelu(zz, t, bw)), argnums=(0, 1))(theta, z)
+    np.testing.assert_allclose(g_theta, -np.asarray(theta) * near.sum(0) / bw, rtol=1e-6)
+    np.testing.assert_array_equal(g_z, (np.asarray(z) > np.asarray(theta)[None]).astype(np.float32))
+    assert np.all(np.asarray(g_step) < 0)  # the L0 penalty raises every threshold it can see
+    # and through the training loss, log_threshold gets a gradient
+    cfg = sae.SAEConfig(d_in=8, d_sae=16, architecture="jumprelu", jumprelu_bandwidth=0.5,
+                        jumprelu_init_threshold=0.2)
+    p = sae.init_params(cfg, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (64, 8), jnp.float32)
+    knob = {"coefficient": jnp.float32(0.1), "k": jnp.int32(1)}
+    grads = jax.grad(lambda q: sae.sweep_loss_fn(q, x, x, knob, cfg, 1)[0])(p)
+    assert np.count_nonzero(np.asarray(grads["log_threshold"])) > 8
+
+
+@pytest.mark.parametrize("arch,knob", [("topk", {"k": 3}), ("jumprelu", {"l0_coefficient": 0.03})])
+def test_variants_recover_planted_features(arch, knob):
+    """48 planted features in 32 dims (~3 active): TopK (k=3) and JumpReLU (lambda_0 0.03) find
+    them at about the data's L0 (measured MMCS: TopK 0.968 with key 1; JumpReLU 0.921 with key 0,
+    0.958 with key 1; the ReLU SAE at lambda 0.1: 0.985; a random dictionary of 48: ~0.5)."""
+    gt = _gt_small()
+    cfg = sae.SAEConfig(d_in=32, d_sae=48, lr=3e-3, batch_size=128, n_steps=1500,
+                        resample_every=250, chunk_size=250, architecture=arch, **knob)
+    res = sae.train_sae(cfg, jax.random.key(0), gt.batch_fn(128))
+    score, _ = sae.mmcs(gt.features, res.params["W_dec"])
+    m = sae.metrics(res.params, gt.sample(8192), cfg=cfg)
+    assert score > 0.9, (score, m)
+    assert 1.5 < m["l0"] < 4.5 and m["fraction_variance_explained"] > 0.85, m
+    np.testing.assert_allclose(np.linalg.norm(res.params["W_dec"], axis=1), 1.0, atol=1e-5)
+
+
+def test_sweep_is_the_runs_one_at_a_time():
+    """train_sae_sweep trains the runs as one batched program: each run equals train_sae with its
+    own config and key (to float32 rounding), resampling included."""
+    gt = _gt_small()
+    base = dict(d_in=32, d_sae=64, lr=1e-2, batch_size=128, n_steps=120, resample_every=40,
+                chunk_size=40)
+    cfgs = [sae.SAEConfig(**base, l1_coefficient=lam) for lam in (0.01, 0.3)]
+    keys = [jax.random.key(3), jax.random.key(4)]
+    batch_fn = gt.batch_fn(128)
+    swept = sae.train_sae_sweep(cfgs, keys, batch_fn)
+    for c, k, r in zip(cfgs, keys, swept, strict=True):
+        one = sae.train_sae(c, k, batch_fn)
+        np.testing.assert_allclose(r.history["loss"], one.history["loss"], rtol=2e-3, atol=1e-5)
+        assert r.resampled == one.resampled and r.cfg == c
+        for name in one.params:
+            np.testing.assert_allclose(r.params[name], one.params[name], rtol=1e-2, atol=1e-3)
+    with pytest.raises(ValueError, match="differ only"):
+        sae.train_sae_sweep([cfgs[0], cfgs[1].replace(lr=1e-3)], keys, batch_fn)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("l1_coefficient", float("nan"), "l1_coefficient"),
+    ("l1_coefficient", -0.1, "l1_coefficient"),
+    ("l0_coefficient", float("inf"), "l0_coefficient"),
+    ("dead_frequency", 5.0, "dead_frequency"),
+    ("dead_frequency", -1e-4, "dead_frequency"),
+    ("dead_frequency", float("nan"), "dead_frequency"),
+    ("lr", float("nan"), "lr"),
+    ("resample_until", 1.5, "resample_until"),
+    ("architecture", "gated", "architecture"),
+    ("jumprelu_bandwidth", 0.0, "jumprelu_bandwidth"),
+])
+def test_config_rejects_bad_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        sae.SAEConfig(d_in=8, d_sae=16, **{field: value})
+    with pytest.raises(ValueError, match="k"):
+        sae.SAEConfig(d_in=8, d_sae=16, architecture="topk")  # k is required
+
+
+@pytest.mark.parametrize("kw,match", [({"avg_active": float("nan")}, "avg_active"),
+                                      ({"avg_active": 0.0}, "avg_active"),
+                                      ({"avg_active": 1000.0}, "avg_active"),
+                                      ({"decay": -0.5}, "decay"),
+                                      ({"decay": float("nan")}, "decay")])
+def test_ground_truth_rejects_bad_probabilities(kw, match):
+    with pytest.raises(ValueError, match=match):
+        sae.GroundTruth.make(d=8, n_features=16, **kw)
+    with pytest.raises(ValueError, match="probabilities"):
+        sae.GroundTruth(np.eye(4, dtype=np.float32), np.array([0.1, np.nan, 0.2, 0.3]), 0)

@@ -39,15 +39,18 @@ memory (e.g. from ``collect_activations``), ``GroundTruth`` generates the papers
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from tinyinterp.superposition import standard_promotion, uniform_from_counter
 
@@ -65,6 +68,13 @@ __all__ = [
     "normalize_decoder",
     "remove_parallel_grad",
     "train_sae",
+    "train_sae_sweep",
+    "sweep_loss_fn",
+    "pre_activations",
+    "topk_mask",
+    "jumprelu",
+    "heaviside_step",
+    "ARCHITECTURES",
     "array_batch_fn",
     "metrics",
     "mmcs",
@@ -72,10 +82,26 @@ __all__ = [
 ]
 
 
+ARCHITECTURES = ("relu", "topk", "jumprelu")
+# The fields a sweep may vary between its runs (each run's sparsity knob); every other field is
+# shared, so the runs train as one batched program (``train_sae_sweep``).
+SWEEP_FIELDS = ("l1_coefficient", "l0_coefficient", "k")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, bool) and math.isfinite(float(value))
+
+
 @dataclass(frozen=True)
 class SAEConfig:
-    """Dictionary size, sparsity penalty and training schedule.
+    """Architecture, dictionary size, sparsity knob and training schedule.
 
+    ``architecture``: ``"relu"`` (ReLU + L1 penalty, Bricken et al. 2023; knob
+    ``l1_coefficient``), ``"topk"`` (Gao et al. 2024: keep the ``k`` largest pre-activations,
+    ReLU'd; no penalty) or ``"jumprelu"`` (Rajamanoharan et al. 2024: a per-latent threshold
+    ``exp(log_threshold)``, an L0 penalty ``l0_coefficient * mean_batch ||f||_0``, trained through
+    straight-through pseudo-derivatives with a rectangle kernel of width ``jumprelu_bandwidth``).
     ``d_out`` None: an SAE (target = input). Otherwise a transcoder from d_in to d_out.
     ``resample_every`` steps (0: never); see the module docstring for what is resampled.
     """
@@ -111,26 +137,65 @@ class SAEConfig:
     # above this) instead of one sampled input's residual; see ``_cluster_picks``.
     resample_cluster_cos: float = 0.5
     resample_candidates: int = 512  # highest-loss inputs of the pool considered for clusters
+    architecture: str = "relu"
+    k: int = 0  # TopK: active latents per input (>= 1 for "topk")
+    l0_coefficient: float = 0.01  # JumpReLU: the L0 penalty's weight
+    # JumpReLU: the threshold's pseudo-derivative counts pre-activations within bandwidth / 2 of
+    # it. The paper and SAELens use 0.001 for both (with ~1e5 steps); on unit-scale data and a few
+    # thousand steps the threshold then hardly moves (measured on the test's ground truth: 0.0012
+    # after 1500 steps, L0 45 of 48, MMCS 0.46); 0.05 learns it (L0 2.6, MMCS 0.96).
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.05
 
     def __post_init__(self):
         for name in ("d_in", "d_sae", "batch_size", "chunk_size", "resample_pool"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SAEConfig.{name} must be a positive int, got {value!r}.")
         if self.d_out is not None and (not isinstance(self.d_out, int) or self.d_out < 1):
             raise ValueError(f"SAEConfig.d_out must be None or a positive int, got {self.d_out!r}.")
-        if self.l1_coefficient < 0 or not self.lr > 0:
+        for name in ("l1_coefficient", "l0_coefficient"):
+            value = getattr(self, name)
+            if not _finite(value) or value < 0:
+                raise ValueError(f"SAEConfig.{name} must be a finite number >= 0, got {value!r}.")
+        if not _finite(self.lr) or not self.lr > 0:
+            raise ValueError(f"SAEConfig.lr must be a finite number > 0, got {self.lr!r}.")
+        for name in ("resample_every", "n_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"SAEConfig.{name} must be an int >= 0, got {value!r}.")
+        if not _finite(self.dead_frequency) or not 0.0 <= self.dead_frequency < 1.0:
             raise ValueError(
-                f"SAEConfig needs l1_coefficient >= 0 and lr > 0; got {self.l1_coefficient}, {self.lr}."
-            )
-        if self.resample_every < 0 or self.n_steps < 0:
-            raise ValueError("SAEConfig.resample_every and n_steps must be >= 0.")
+                f"SAEConfig.dead_frequency is the fraction of a resampling window's samples a "
+                f"latent must fire on to count as alive, so it must be in [0, 1) (typically "
+                f"1e-6 to 1e-3; 0 resamples only duplicates); got {self.dead_frequency!r}.")
+        for name in ("resample_until", "lr_decay_fraction"):
+            value = getattr(self, name)
+            if not _finite(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"SAEConfig.{name} is a fraction of the steps and must be in "
+                                 f"[0, 1], got {value!r}.")
+        for name in ("duplicate_cos", "resample_threshold", "resample_cluster_cos"):
+            if not _finite(getattr(self, name)):
+                raise ValueError(f"SAEConfig.{name} must be a finite number, got "
+                                 f"{getattr(self, name)!r}.")
         if self.resample_nu not in ("alive_mean", "zero"):
             raise ValueError(
                 f"SAEConfig.resample_nu must be 'alive_mean' or 'zero', got {self.resample_nu!r}."
             )
         if not isinstance(self.resample_candidates, int) or self.resample_candidates < 1:
             raise ValueError("SAEConfig.resample_candidates must be a positive int.")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"SAEConfig.architecture must be one of {ARCHITECTURES}, got "
+                             f"{self.architecture!r}.")
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 0:
+            raise ValueError(f"SAEConfig.k must be an int >= 0, got {self.k!r}.")
+        if self.architecture == "topk" and not 1 <= self.k <= self.d_sae:
+            raise ValueError(f"SAEConfig: architecture 'topk' needs 1 <= k <= d_sae={self.d_sae} "
+                             f"(the number of active latents per input), got k={self.k}.")
+        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
+            value = getattr(self, name)
+            if not _finite(value) or not value > 0:
+                raise ValueError(f"SAEConfig.{name} must be a finite number > 0, got {value!r}.")
 
     @property
     def is_transcoder(self) -> bool:
@@ -140,6 +205,16 @@ class SAEConfig:
     def target_dim(self) -> int:
         return self.d_in if self.d_out is None else self.d_out
 
+    def replace(self, **changes) -> SAEConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def sparsity_knob(self) -> tuple[str, float]:
+        """(name, value) of the setting that trades sparsity for reconstruction."""
+        name = {"relu": "l1_coefficient", "topk": "k", "jumprelu": "l0_coefficient"}[
+            self.architecture]
+        return name, getattr(self, name)
+
 
 # --------------------------------------------------------------------------------------------
 # Model
@@ -148,7 +223,8 @@ class SAEConfig:
 def init_params(
     cfg: SAEConfig, key: jax.Array, b_dec: Float[Array, " d_out"] | None = None
 ) -> Params:
-    """Random unit-norm decoder rows, encoder = decoder transpose (tied init), b_enc = 0.
+    """Random unit-norm decoder rows, encoder = decoder transpose (tied init), b_enc = 0; a
+    JumpReLU SAE also gets ``log_threshold`` [feature] = log(jumprelu_init_threshold).
 
     ``b_dec`` [d_out] (e.g. the data mean) defaults to 0.
     """
@@ -163,16 +239,106 @@ def init_params(
     b = jnp.zeros((d_out,), jnp.float32) if b_dec is None else jnp.asarray(b_dec, jnp.float32)
     if b.shape != (d_out,):
         raise ValueError(f"b_dec must have shape ({d_out},), got {tuple(b.shape)}.")
-    return {"W_enc": W_enc, "b_enc": jnp.zeros((cfg.d_sae,), jnp.float32), "W_dec": W_dec, "b_dec": b}
+    params = {"W_enc": W_enc, "b_enc": jnp.zeros((cfg.d_sae,), jnp.float32), "W_dec": W_dec,
+              "b_dec": b}
+    if cfg.architecture == "jumprelu":
+        params["log_threshold"] = jnp.full((cfg.d_sae,), np.log(cfg.jumprelu_init_threshold),
+                                           jnp.float32)
+    return params
+
+
+def pre_activations(
+    params: Params, x: Float[Array, "batch d_in"], transcoder: bool = False
+) -> Float[Array, "batch feature"]:
+    """(x - b_dec) W_enc + b_enc (no pre-bias for a transcoder)."""
+    x_in = x if transcoder else x - params["b_dec"][None, :]  # [batch, d_in]
+    pre = jnp.einsum("bd,df->bf", x_in, params["W_enc"])  # [batch, d_in] x [d_in, feature]
+    return pre + params["b_enc"][None, :]
+
+
+def topk_mask(pre: Float[Array, "batch feature"], k: Array | int, k_max: int
+              ) -> Bool[Array, "batch feature"]:
+    """True at each row's ``k`` largest entries (``k`` may be traced, ``k <= k_max`` static):
+    the entries >= the row's k-th largest value (ties, measure zero, would keep more)."""
+    top = jax.lax.top_k(pre, k_max)[0]  # [batch, k_max], descending
+    kth = jnp.take_along_axis(top, jnp.broadcast_to(jnp.asarray(k, jnp.int32) - 1,
+                                                    (pre.shape[0], 1)), axis=1)  # [batch, 1]
+    return pre >= jax.lax.stop_gradient(kth)
+
+
+def _rectangle(u):
+    return ((u > -0.5) & (u < 0.5)).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(pre: Float[Array, "batch feature"], threshold: Float[Array, " feature"],
+             bandwidth: float) -> Float[Array, "batch feature"]:
+    """JumpReLU_theta(z) = z * H(z - theta) (Rajamanoharan et al. 2024). Gradients: to z only
+    where it is active (no straight-through for z); to theta the pseudo-derivative
+    -(theta / bandwidth) K((z - theta) / bandwidth), K the rectangle on (-1/2, 1/2), summed over
+    the batch (as SAELens does)."""
+    return pre * (pre > threshold[None, :]).astype(pre.dtype)
+
+
+def _jumprelu_fwd(pre, threshold, bandwidth):
+    return jumprelu(pre, threshold, bandwidth), (pre, threshold)
+
+
+def _jumprelu_bwd(bandwidth, res, g):
+    pre, threshold = res
+    bw = jnp.float32(bandwidth)
+    d_pre = g * (pre > threshold[None, :]).astype(g.dtype)
+    d_theta = jnp.sum(-(threshold[None, :] / bw) * _rectangle((pre - threshold[None, :]) / bw) * g,
+                      axis=0)  # [feature]
+    return d_pre, d_theta
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def heaviside_step(pre: Float[Array, "batch feature"], threshold: Float[Array, " feature"],
+                   bandwidth: float) -> Float[Array, "batch feature"]:
+    """H(z - theta) as float32, for the L0 penalty. Gradients: none to z; to theta the
+    pseudo-derivative -(1 / bandwidth) K((z - theta) / bandwidth), summed over the batch."""
+    return (pre > threshold[None, :]).astype(jnp.float32)
+
+
+def _step_fwd(pre, threshold, bandwidth):
+    return heaviside_step(pre, threshold, bandwidth), (pre, threshold)
+
+
+def _step_bwd(bandwidth, res, g):
+    pre, threshold = res
+    bw = jnp.float32(bandwidth)
+    d_theta = jnp.sum(-(1.0 / bw) * _rectangle((pre - threshold[None, :]) / bw) * g, axis=0)
+    return jnp.zeros_like(pre), d_theta
+
+
+heaviside_step.defvjp(_step_fwd, _step_bwd)
+
+
+def _activate(params: Params, pre, architecture: str, k, k_max: int, bandwidth: float):
+    if architecture == "topk":
+        return jnp.where(topk_mask(pre, k, k_max), jax.nn.relu(pre), jnp.float32(0.0))
+    if architecture == "jumprelu":
+        return jumprelu(pre, jnp.exp(params["log_threshold"]), bandwidth)
+    return jax.nn.relu(pre)
 
 
 def encode(
-    params: Params, x: Float[Array, "batch d_in"], transcoder: bool = False
+    params: Params, x: Float[Array, "batch d_in"], transcoder: bool = False, *,
+    cfg: SAEConfig | None = None,
 ) -> Float[Array, "batch feature"]:
-    """Feature activations f = ReLU((x - b_dec) W_enc + b_enc) (no pre-bias for a transcoder)."""
-    x_in = x if transcoder else x - params["b_dec"][None, :]  # [batch, d_in]
-    pre = jnp.einsum("bd,df->bf", x_in, params["W_enc"])  # [batch, d_in] x [d_in, feature]
-    return jax.nn.relu(pre + params["b_enc"][None, :])
+    """Feature activations: the architecture's activation of ``pre_activations`` (ReLU when
+    ``cfg`` is None; pass the SAE's ``cfg`` for TopK or JumpReLU)."""
+    arch = "relu" if cfg is None else cfg.architecture
+    k = 0 if cfg is None else cfg.k
+    bw = 1.0 if cfg is None else cfg.jumprelu_bandwidth
+    if arch == "jumprelu" and "log_threshold" not in params:
+        raise ValueError("a JumpReLU SAE's params need 'log_threshold' [feature]; build them "
+                         "with init_params(cfg, key) for architecture='jumprelu'.")
+    return _activate(params, pre_activations(params, x, transcoder), arch, k, max(k, 1), bw)
 
 
 def decode(params: Params, f: Float[Array, "batch feature"]) -> Float[Array, "batch d_out"]:
@@ -181,9 +347,10 @@ def decode(params: Params, f: Float[Array, "batch feature"]) -> Float[Array, "ba
     return out + params["b_dec"][None, :]
 
 
-def forward(params: Params, x: Float[Array, "batch d_in"], transcoder: bool = False):
+def forward(params: Params, x: Float[Array, "batch d_in"], transcoder: bool = False, *,
+            cfg: SAEConfig | None = None):
     """(prediction [batch, d_out], feature activations [batch, feature])."""
-    f = encode(params, x, transcoder)
+    f = encode(params, x, transcoder, cfg=cfg)
     return decode(params, f), f
 
 
@@ -194,11 +361,32 @@ def loss_fn(
     l1_coefficient: float,
     transcoder: bool = False,
 ):
-    """(loss, (mse, l1, f)): mse = mean_batch ||target - pred||^2, l1 = mean_batch ||f||_1."""
+    """ReLU SAE: (loss, (mse, l1, f)): mse = mean_batch ||target - pred||^2, l1 = mean_batch
+    ||f||_1. ``sweep_loss_fn`` is the general form (every architecture)."""
     pred, f = forward(params, x, transcoder)
     mse = jnp.mean(jnp.sum((target - pred) ** 2, axis=-1))
     l1 = jnp.mean(jnp.sum(jnp.abs(f), axis=-1))
     return mse + jnp.float32(l1_coefficient) * l1, (mse, l1, f)
+
+
+def sweep_loss_fn(params: Params, x: Float[Array, "batch d_in"],
+                  target: Float[Array, "batch d_out"], knob: dict, cfg: SAEConfig, k_max: int):
+    """(loss, (mse, penalty, f)) for any architecture; ``knob``: {"coefficient": float32 (L1
+    for ReLU, L0 for JumpReLU), "k": int32 (TopK)}, traced, so one compiled program serves a
+    whole sweep. ReLU: penalty = mean_batch ||f||_1; JumpReLU: mean_batch ||f||_0 (the Heaviside
+    with the threshold's pseudo-derivative); TopK: 0."""
+    pre = pre_activations(params, x, cfg.is_transcoder)  # [batch, feature]
+    f = _activate(params, pre, cfg.architecture, knob["k"], k_max, cfg.jumprelu_bandwidth)
+    pred = decode(params, f)
+    mse = jnp.mean(jnp.sum((target - pred) ** 2, axis=-1))
+    if cfg.architecture == "relu":
+        penalty = jnp.mean(jnp.sum(jnp.abs(f), axis=-1))
+    elif cfg.architecture == "jumprelu":
+        step = heaviside_step(pre, jnp.exp(params["log_threshold"]), cfg.jumprelu_bandwidth)
+        penalty = jnp.mean(jnp.sum(step, axis=-1))
+    else:
+        penalty = jnp.float32(0.0)
+    return mse + knob["coefficient"] * penalty, (mse, penalty, f)
 
 
 def normalize_decoder(params: Params) -> Params:
@@ -243,12 +431,33 @@ class GroundTruth:
         decay: float = 0.99,
         seed: int = 0,
     ) -> GroundTruth:
+        for name, value in (("d", d), ("n_features", n_features)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GroundTruth.make: {name} must be a positive int, got {value!r}.")
+        if not _finite(avg_active) or not 0 < avg_active <= n_features:
+            raise ValueError(f"GroundTruth.make: avg_active is the mean number of features present "
+                             f"per sample and must be in (0, n_features={n_features}], got "
+                             f"{avg_active!r}.")
+        if not _finite(decay) or not decay > 0:
+            raise ValueError(f"GroundTruth.make: decay (feature i is present with probability ~ "
+                             f"decay**i) must be a finite number > 0, got {decay!r}.")
         rng = np.random.default_rng(seed)
         feats = rng.standard_normal((n_features, d)).astype(np.float32)
         feats /= np.linalg.norm(feats, axis=1, keepdims=True)
         p = decay ** np.arange(n_features, dtype=np.float64)
         p = np.minimum(avg_active * p / p.sum(), 1.0).astype(np.float32)
         return cls(feats, p, seed)
+
+    def __post_init__(self):
+        p = np.asarray(self.probabilities, np.float64)
+        if p.ndim != 1 or not np.all(np.isfinite(p)) or p.min(initial=0) < 0 or p.max(initial=0) > 1:
+            raise ValueError("GroundTruth.probabilities must be a [feature] vector of "
+                             "probabilities in [0, 1] (no NaN).")
+        if not np.any(p > 0):
+            raise ValueError("GroundTruth.probabilities are all 0: every sample would be zero.")
+        if np.asarray(self.features).shape != (p.shape[0], np.asarray(self.features).shape[-1]):
+            raise ValueError(f"GroundTruth.features must be [feature={p.shape[0]}, d], got "
+                             f"{np.asarray(self.features).shape}.")
 
     def coefficients(self, step: Array, batch_size: int) -> Float[Array, "batch feature"]:
         """The true feature coefficients of the batch for ``step`` (pure, jit-able)."""
@@ -302,7 +511,7 @@ class SAEResult:
 
     params: Params
     cfg: SAEConfig
-    history: dict  # "loss", "mse", "l1", "l0", "dead_fraction" -> np.ndarray [step]
+    history: dict  # "loss", "mse", "penalty", "l0", "dead_fraction" -> np.ndarray [step]
     resampled: list  # [(step, n_dead_resampled)]
 
 
@@ -316,14 +525,14 @@ def _split(batch, transcoder: bool):
     return batch, batch
 
 
-def _make_chunk(cfg: SAEConfig, batch_fn: Callable, n_steps: int, opt):
+def _make_chunk(cfg: SAEConfig, batch_fn: Callable, n_steps: int, opt, k_max: int):
+    """One jitted scan of ``n_steps`` steps for a stack of runs [run, ...] that differ only in
+    their sparsity knob: each step draws ONE batch (shared by every run) and vmaps the update."""
     tc = cfg.is_transcoder
 
-    def step_fn(carry, t):
-        params, opt_state, fired = carry
-        x, y = _split(batch_fn(t), tc)
-        (loss, (mse, l1, f)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, x, y, cfg.l1_coefficient, tc
+    def one_run(params, opt_state, fired, knob, x, y):
+        (loss, (mse, penalty, f)), grads = jax.value_and_grad(sweep_loss_fn, has_aux=True)(
+            params, x, y, knob, cfg, k_max
         )
         grads = {**grads, "W_dec": remove_parallel_grad(params["W_dec"], grads["W_dec"])}
         updates, opt_state = opt.update(grads, opt_state, params)
@@ -332,12 +541,21 @@ def _make_chunk(cfg: SAEConfig, batch_fn: Callable, n_steps: int, opt):
         fired = fired + jnp.sum(active, axis=0, dtype=jnp.int32)  # [feature]
         l0 = jnp.mean(jnp.sum(active, axis=-1, dtype=jnp.int32).astype(jnp.float32))
         dead = jnp.mean((fired == 0).astype(jnp.float32))
-        return (params, opt_state, fired), (loss, mse, l1, l0, dead)
+        return params, opt_state, fired, (loss, mse, penalty, l0, dead)
+
+    def step_fn(carry, t):
+        params, opt_state, fired, knobs = carry
+        x, y = _split(batch_fn(t), tc)  # [batch, d_in], [batch, d_out]: shared by every run
+        params, opt_state, fired, stats = jax.vmap(one_run, in_axes=(0, 0, 0, 0, None, None))(
+            params, opt_state, fired, knobs, x, y)
+        return (params, opt_state, fired, knobs), stats  # stats: 5 x [run]
 
     @jax.jit
-    def chunk(params, opt_state, fired, start):
+    def chunk(params, opt_state, fired, knobs, start):
         steps = start + jnp.arange(n_steps, dtype=jnp.int32)  # [step]
-        return jax.lax.scan(step_fn, (params, opt_state, fired), steps)
+        (params, opt_state, fired, _), stats = jax.lax.scan(
+            step_fn, (params, opt_state, fired, knobs), steps)
+        return (params, opt_state, fired), stats  # stats: 5 x [step, run]
 
     return chunk
 
@@ -374,10 +592,11 @@ def _cluster_picks(resid, sq, cfg: SAEConfig):
 
 
 def _make_resample(cfg: SAEConfig, batch_fn: Callable, opt):
+    """A jitted resampling of a stack of runs [run, ...]: one candidate pool (shared) scored by
+    each run's SAE, then the per-run resampling vmapped."""
     tc = cfg.is_transcoder
 
-    @jax.jit
-    def resample(params, opt_state, fired, key, start, window_samples):
+    def one_run(params, opt_state, fired, key, window_samples, x, y):
         dead = fired.astype(jnp.float32) < jnp.float32(cfg.dead_frequency) * window_samples
         W = params["W_dec"]  # [feature, d_out]
         cos = jnp.einsum("fd,gd->fg", W, W)  # [feature, feature(other)]
@@ -387,14 +606,7 @@ def _make_resample(cfg: SAEConfig, batch_fn: Callable, opt):
         )  # [feature, other]: the other latent is kept in preference to this one
         duplicate = jnp.any((cos > jnp.float32(cfg.duplicate_cos)) & more_active, axis=1)
         dead = dead | duplicate  # [feature]
-        xs, ys = [], []
-        for i in range(cfg.resample_pool):  # fresh candidate batches (step indices < 0 unused)
-            x, y = _split(batch_fn(-(start + 1) * cfg.resample_pool - i), tc)
-            xs.append(x)
-            ys.append(y)
-        x = jnp.concatenate(xs, axis=0)  # [pool*batch, d_in]
-        y = jnp.concatenate(ys, axis=0)  # [pool*batch, d_out]
-        pred, _ = forward(params, x, tc)
+        pred, _ = forward(params, x, tc, cfg=cfg)
         resid = y - pred  # [pool*batch, d_out]
         sq = jnp.sum(resid**2, axis=-1)  # [pool*batch]
         rank = jnp.cumsum(dead.astype(jnp.int32)) - 1  # [feature]: r for the r-th dead latent
@@ -441,8 +653,12 @@ def _make_resample(cfg: SAEConfig, batch_fn: Callable, opt):
             "b_enc": dead,
             "b_dec": jnp.zeros(params["b_dec"].shape, bool),
         }
-
         feature_axis = {"W_dec": 0, "W_enc": 1, "b_enc": 0}
+        if "log_threshold" in params:  # JumpReLU: a resampled latent's threshold starts afresh
+            new["log_threshold"] = jnp.where(
+                dead, jnp.float32(np.log(cfg.jumprelu_init_threshold)), params["log_threshold"])
+            masks["log_threshold"] = dead
+            feature_axis["log_threshold"] = 0
 
         def fill_nu(nu):
             # Adam's bias correction is global, not per entry: a second moment reset to 0 makes
@@ -476,6 +692,18 @@ def _make_resample(cfg: SAEConfig, batch_fn: Callable, opt):
         )
         return new, opt_state, jnp.sum(dead)
 
+    @jax.jit
+    def resample(params, opt_state, fired, keys, start, window_samples):
+        xs, ys = [], []
+        for i in range(cfg.resample_pool):  # fresh candidate batches (step indices < 0 unused)
+            x, y = _split(batch_fn(-(start + 1) * cfg.resample_pool - i), tc)
+            xs.append(x)
+            ys.append(y)
+        x = jnp.concatenate(xs, axis=0)  # [pool*batch, d_in]: one pool for every run
+        y = jnp.concatenate(ys, axis=0)  # [pool*batch, d_out]
+        return jax.vmap(one_run, in_axes=(0, 0, 0, 0, None, None, None))(
+            params, opt_state, fired, keys, window_samples, x, y)
+
     return resample
 
 
@@ -505,6 +733,125 @@ def _lr_schedule(cfg: SAEConfig):
     return schedule if cfg.lr_decay_fraction > 0 and start >= 0 else cfg.lr
 
 
+def _shared_config(cfgs: Sequence[SAEConfig]) -> SAEConfig:
+    """The settings every run of a sweep shares (the sparsity knobs set to the first run's), or a
+    clear error naming what differs."""
+    if not cfgs:
+        raise ValueError("train_sae_sweep needs at least one SAEConfig.")
+    for c in cfgs:
+        if not isinstance(c, SAEConfig):
+            raise TypeError(f"train_sae_sweep needs SAEConfigs, got {type(c).__name__}.")
+    base = cfgs[0]
+    neutral = {f: getattr(base, f) for f in SWEEP_FIELDS}
+    for i, c in enumerate(cfgs[1:], 1):
+        if c.replace(**neutral) != base:
+            diff = [f for f in c.__dataclass_fields__ if f not in SWEEP_FIELDS
+                    and getattr(c, f) != getattr(base, f)]
+            raise ValueError(f"train_sae_sweep: run {i} differs from run 0 in {diff}; the runs of "
+                             f"one sweep may differ only in {SWEEP_FIELDS} (train other settings "
+                             "as separate sweeps).")
+    return base
+
+
+def train_sae_sweep(
+    cfgs: Sequence[SAEConfig],
+    keys: Sequence[jax.Array] | jax.Array,
+    batch_fn: Callable,
+    *,
+    params: Params | None = None,
+    progress: Callable[[int, dict, Params], None] | None = None,
+) -> list[SAEResult]:
+    """Train several SAEs that differ only in their sparsity knob (``l1_coefficient``,
+    ``l0_coefficient`` or ``k``) as ONE compiled, batched program: the runs are stacked on a
+    leading axis and every step's batch ``batch_fn(step)`` is drawn once and shared.
+
+    ``keys``: one PRNG key per run (initialisation; run i equals ``train_sae(cfgs[i], keys[i],
+    batch_fn)``, to float32 rounding). ``params``: optional start for every run (stacked
+    [run, ...] or one set broadcast). ``progress(step, last_stats, params)`` after every chunk
+    (stats [run]). Returns one ``SAEResult`` per run, in order.
+    """
+    cfg = _shared_config(list(cfgs))
+    n_runs = len(cfgs)
+    keys = list(keys) if not isinstance(keys, jax.Array) or keys.ndim else [keys]
+    if len(keys) != n_runs:
+        raise ValueError(f"train_sae_sweep: {n_runs} configs but {len(keys)} keys.")
+    k_max = max(1, max(c.k for c in cfgs))
+    knobs = {
+        "coefficient": jnp.asarray([c.l0_coefficient if c.architecture == "jumprelu"
+                                    else c.l1_coefficient for c in cfgs], jnp.float32),
+        "k": jnp.asarray([max(c.k, 1) for c in cfgs], jnp.int32),
+    }  # each [run]
+    opt = standard_promotion(optax.adam(_lr_schedule(cfg)))
+    if params is None:
+        _, y0 = _split(batch_fn(jnp.int32(0)), cfg.is_transcoder)
+        b_dec = jnp.mean(y0, axis=0)
+        params = jax.tree_util.tree_map(
+            lambda *a: jnp.stack(a), *[init_params(cfg, k, b_dec=b_dec) for k in keys])
+    else:
+        ref = init_params(cfg, jax.random.key(0))
+        if set(params) != set(ref):
+            raise ValueError(f"params have keys {sorted(params)}, expected {sorted(ref)} for "
+                             f"architecture {cfg.architecture!r}.")
+        params = {n: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (n_runs,) + ref[n].shape)
+                  if jnp.ndim(v) == ref[n].ndim else jnp.asarray(v, jnp.float32)
+                  for n, v in params.items()}
+        for n, v in params.items():
+            if v.shape != (n_runs,) + ref[n].shape:
+                raise ValueError(f"params[{n!r}] has shape {v.shape}; expected {ref[n].shape} "
+                                 f"or {(n_runs,) + ref[n].shape}.")
+    opt_state = jax.vmap(opt.init)(params)
+    fired = jnp.zeros((n_runs, cfg.d_sae), jnp.int32)  # activations since the last resampling
+    names = ("loss", "mse", "penalty", "l0", "dead_fraction")
+    hist = {k: [] for k in names}
+    resampled: list[list] = [[] for _ in range(n_runs)]
+    # chunk boundaries at every resampling step
+    stops = set(range(cfg.chunk_size, cfg.n_steps, cfg.chunk_size)) | {cfg.n_steps}
+    last_resample = int(cfg.n_steps * cfg.resample_until)
+    if cfg.resample_every:
+        stops |= set(range(cfg.resample_every, last_resample + 1, cfg.resample_every))
+    stops = sorted(s for s in stops if 0 < s <= cfg.n_steps)
+    # the compiled code depends on the shared settings (not the knob values, which are traced)
+    ckey = (tuple((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                  if f.name not in SWEEP_FIELDS), k_max, n_runs)
+    resample_fn = (
+        _compiled(batch_fn, (ckey, "resample"), lambda: _make_resample(cfg, batch_fn, opt))
+        if cfg.resample_every
+        else None
+    )
+    done = 0
+    last = 0
+    for stop in stops:
+        n = stop - done
+        chunk = _compiled(batch_fn, (ckey, n), lambda n=n: _make_chunk(cfg, batch_fn, n, opt, k_max))
+        (params, opt_state, fired), stats = chunk(params, opt_state, fired, knobs, jnp.int32(done))
+        for k, v in zip(names, stats, strict=True):
+            hist[k].append(np.asarray(v))  # [step, run]
+        done = stop
+        bad = ~np.all(np.isfinite(np.asarray(stats[0])), axis=0)  # [run]
+        if bad.any():
+            raise FloatingPointError(
+                f"SAE training loss became non-finite before step {done} in run(s) "
+                f"{np.nonzero(bad)[0].tolist()}; lower lr ({cfg.lr}) or check the data for NaN/inf."
+            )
+        if resample_fn is not None and done % cfg.resample_every == 0 and done <= last_resample:
+            window = (done - last) * cfg.batch_size
+            run_keys = jnp.stack([jax.random.fold_in(k, done) for k in keys])
+            params, opt_state, n_dead = resample_fn(
+                params, opt_state, fired, run_keys, jnp.int32(done), jnp.float32(window),
+            )
+            for r, nd in enumerate(np.asarray(n_dead)):
+                resampled[r].append((done, int(nd)))
+            last = done
+            fired = jnp.zeros_like(fired)
+        if progress is not None:
+            progress(done, {k: np.asarray(v[-1][-1]) for k, v in hist.items()}, params)
+    history = {k: (np.concatenate(v) if v else np.zeros((0, n_runs), np.float32))
+               for k, v in hist.items()}  # each [step, run]
+    return [SAEResult({n: v[r] for n, v in params.items()}, c,
+                      {k: history[k][:, r] for k in names}, resampled[r])
+            for r, c in enumerate(cfgs)]
+
+
 def train_sae(
     cfg: SAEConfig,
     key: jax.Array,
@@ -518,63 +865,23 @@ def train_sae(
     ``batch_fn``: pure jax function int32 step -> x [batch, d_in] (SAE) or (x, y) (transcoder);
     traced once per chunk. ``b_dec`` starts at the mean of the first batch's target unless
     ``params`` are given. Deterministic in (cfg, key, batch_fn). ``progress(step, last_stats,
-    params)`` is called after every chunk if given.
+    params)`` is called after every chunk if given. A sweep of one (``train_sae_sweep``).
     """
-    opt = standard_promotion(optax.adam(_lr_schedule(cfg)))
-    if params is None:
-        _, y0 = _split(batch_fn(jnp.int32(0)), cfg.is_transcoder)
-        params = init_params(cfg, key, b_dec=jnp.mean(y0, axis=0))
-    opt_state = opt.init(params)
-    fired = jnp.zeros((cfg.d_sae,), jnp.int32)  # activations since the last resampling
-    hist = {k: [] for k in ("loss", "mse", "l1", "l0", "dead_fraction")}
-    resampled = []
-    # chunk boundaries at every resampling step
-    stops = set(range(cfg.chunk_size, cfg.n_steps, cfg.chunk_size)) | {cfg.n_steps}
-    last_resample = int(cfg.n_steps * cfg.resample_until)
-    if cfg.resample_every:
-        stops |= set(range(cfg.resample_every, last_resample + 1, cfg.resample_every))
-    stops = sorted(s for s in stops if 0 < s <= cfg.n_steps)
-    resample_fn = (
-        _compiled(batch_fn, (cfg, "resample"), lambda: _make_resample(cfg, batch_fn, opt))
-        if cfg.resample_every
-        else None
-    )
-    done = 0
-    for stop in stops:
-        n = stop - done
-        chunk = _compiled(batch_fn, (cfg, n), lambda n=n: _make_chunk(cfg, batch_fn, n, opt))
-        (params, opt_state, fired), (loss, mse, l1, l0, dead) = chunk(
-            params, opt_state, fired, jnp.int32(done)
-        )
-        for k, v in zip(hist, (loss, mse, l1, l0, dead), strict=True):
-            hist[k].append(np.asarray(v))
-        done = stop
-        if not np.all(np.isfinite(np.asarray(loss))):
-            raise FloatingPointError(
-                f"SAE training loss became non-finite before step {done}; lower lr "
-                f"({cfg.lr}) or check the data for NaN/inf."
-            )
-        if resample_fn is not None and done % cfg.resample_every == 0 and done <= last_resample:
-            window = (done - (resampled[-1][0] if resampled else 0)) * cfg.batch_size
-            params, opt_state, n_dead = resample_fn(
-                params, opt_state, fired, jax.random.fold_in(key, done), jnp.int32(done),
-                jnp.float32(window),
-            )
-            resampled.append((done, int(n_dead)))
-            fired = jnp.zeros_like(fired)
-        if progress is not None:
-            progress(done, {k: float(v[-1][-1]) for k, v in hist.items()}, params)
-    history = {
-        k: (np.concatenate(v) if v else np.zeros((0,), np.float32)) for k, v in hist.items()
-    }
-    return SAEResult(params, cfg, history, resampled)
+    if progress is not None:
+        user = progress
+
+        def progress(step, stats, p):  # noqa: F811 - unstack the single run
+            user(step, {k: float(v[0]) for k, v in stats.items()},
+                 {n: v[0] for n, v in p.items()})
+
+    return train_sae_sweep([cfg], [key], batch_fn, params=params, progress=progress)[0]
 
 
 # --------------------------------------------------------------------------------------------
 # Metrics
 
 
-_jit_forward = jax.jit(forward, static_argnums=2)
+_jit_forward = jax.jit(forward, static_argnums=2, static_argnames="cfg")
 
 
 def metrics(
@@ -583,11 +890,13 @@ def metrics(
     y: Float[Array, "n d_out"] | None = None,
     *,
     batch_size: int = 4096,
+    cfg: SAEConfig | None = None,
 ) -> dict:
     """L0, MSE (mean_n ||y - y_hat||^2), fraction of variance explained, dead fraction.
 
     ``y`` None: an SAE evaluated on reconstructing x. Dead = never active on these ``n`` inputs.
-    Evaluated in batches; returns python floats.
+    ``cfg``: the SAE's config (needed for TopK and JumpReLU; None = ReLU). Evaluated in
+    batches; returns python floats.
     """
     transcoder = y is not None
     x = jnp.asarray(x, jnp.float32)
@@ -597,7 +906,7 @@ def metrics(
     l0 = 0.0
     fired = np.zeros((params["W_dec"].shape[0],), bool)
     for s in range(0, n, batch_size):
-        pred, f = _jit_forward(params, x[s : s + batch_size], transcoder)
+        pred, f = _jit_forward(params, x[s : s + batch_size], transcoder, cfg=cfg)
         sq_err += float(jnp.sum((y[s : s + batch_size] - pred) ** 2))
         active = np.asarray(f > 0)  # [batch, feature]
         l0 += float(active.sum())

@@ -30,54 +30,89 @@ def settings(quick: bool) -> dict:
         return dict(
             gt=dict(d=64, n_features=128, avg_active=4.0, decay=0.97),
             lambdas=[0.03, 0.3], dict_sizes=[64, 128], steps=600, batch=128,
-            resample_every=200,
+            resample_every=200, variant_size=128, topk_ks=[2, 4, 8],
+            jumprelu_l0=[0.01, 0.03, 0.1],
             toy=dict(n_features=20, n_hidden=5, prob=0.05, steps=3000, toy_batch=256,
                      d_sae=20, l1=0.01, sae_steps=1000, sae_batch=256),
         )
     return dict(
         gt=dict(d=256, n_features=512, avg_active=5.0, decay=0.99),
         lambdas=[0.01, 0.05, 0.1, 0.3, 1.0], dict_sizes=[256, 512, 1024], steps=8000,
-        batch=256, resample_every=250,
+        batch=256, resample_every=250, variant_size=512, topk_ks=[3, 5, 8],
+        jumprelu_l0=[0.01, 0.03, 0.1],
         toy=dict(n_features=20, n_hidden=5, prob=0.05, steps=10_000, toy_batch=1024,
                  d_sae=20, l1=0.01, sae_steps=4000, sae_batch=1024),
     )
 
 
+def _row(gt, x_eval, res, seconds: float) -> dict:
+    score, best = sae.mmcs(gt.features, res.params["W_dec"])
+    m = sae.metrics(res.params, x_eval, cfg=res.cfg)
+    knob, value = res.cfg.sparsity_knob
+    return {"architecture": res.cfg.architecture, "knob": knob, "knob_value": value,
+            "dict_size": res.cfg.d_sae, "mmcs": score,
+            "frac_true_features_cos_above_0.99": float((best > 0.99).mean()),
+            "n_resampled": int(sum(n for _, n in res.resampled)), "sweep_seconds": seconds, **m}
+
+
 def ground_truth_sweep(s: dict, seed: int, verbose: bool) -> tuple[dict, dict]:
+    """The ReLU+L1 sweep over lambda x dictionary size, then TopK over k and JumpReLU over the
+    L0 coefficient at one dictionary size; each (architecture, dictionary size) is ONE batched
+    program over its sparsity knob (``sae.train_sae_sweep``), all on the same data stream."""
     gt = sae.GroundTruth.make(**s["gt"], seed=seed)
     x_eval = gt.sample(32768)  # a latent of the rarest feature (p ~ 3e-4) fires ~10 times
     batch_fn = gt.batch_fn(s["batch"])
     lam, sizes = s["lambdas"], s["dict_sizes"]
     tables = {k: np.full((len(lam), len(sizes)), np.nan) for k in
               ("mmcs", "l0", "dead_fraction", "mse", "fraction_variance_explained")}
-    runs, histories = [], {}
-    for i, l1 in enumerate(lam):
-        for j, size in enumerate(sizes):
-            t = time.perf_counter()
-            cfg = sae.SAEConfig(d_in=s["gt"]["d"], d_sae=size, l1_coefficient=l1, lr=3e-3,
-                                batch_size=s["batch"], n_steps=s["steps"],
-                                resample_every=s["resample_every"],
-                                chunk_size=s["resample_every"])
-            res = sae.train_sae(cfg, jax.random.fold_in(jax.random.key(seed), i * 100 + j),
-                                batch_fn)
-            score, best = sae.mmcs(gt.features, res.params["W_dec"])
-            m = sae.metrics(res.params, x_eval)
-            row = {"l1_coefficient": l1, "dict_size": size, "mmcs": score,
-                   "frac_true_features_cos_above_0.99": float((best > 0.99).mean()),
-                   "n_resampled": int(sum(n for _, n in res.resampled)),
-                   "seconds": time.perf_counter() - t, **m}
+    runs, histories, variants = [], {}, []
+    common = dict(d_in=s["gt"]["d"], lr=3e-3, batch_size=s["batch"], n_steps=s["steps"],
+                  resample_every=s["resample_every"], chunk_size=s["resample_every"])
+    root = jax.random.key(seed)
+    for j, size in enumerate(sizes):
+        t = time.perf_counter()
+        cfgs = [sae.SAEConfig(d_sae=size, l1_coefficient=l1, **common) for l1 in lam]
+        # the same keys as one-at-a-time runs (lambda i, size j) had
+        results = sae.train_sae_sweep(cfgs, [jax.random.fold_in(root, i * 100 + j)
+                                             for i in range(len(lam))], batch_fn)
+        dt = time.perf_counter() - t
+        for i, res in enumerate(results):
+            row = _row(gt, x_eval, res, dt)
+            row["l1_coefficient"] = lam[i]
             runs.append(row)
             for k in tables:
                 tables[k][i, j] = row[k]
             if size == gt.features.shape[0]:
-                histories[f"lambda={l1:g}"] = res.history
+                histories[f"lambda={lam[i]:g}"] = res.history
             if verbose:
-                print(f"[sae] lambda={l1:g} dict={size}: MMCS {score:.4f}, L0 {m['l0']:.2f}, "
-                      f"dead {m['dead_fraction']:.3f} ({row['seconds']:.0f} s)", flush=True)
+                print(f"[sae] relu lambda={lam[i]:g} dict={size}: MMCS {row['mmcs']:.4f}, L0 "
+                      f"{row['l0']:.2f}, dead {row['dead_fraction']:.3f}", flush=True)
+        if verbose:
+            print(f"[sae] dict={size}: {len(lam)} lambdas in one program, {dt:.0f} s", flush=True)
+    size = s["variant_size"]
+    for a, (arch, field, values) in enumerate((("topk", "k", s["topk_ks"]),
+                                               ("jumprelu", "l0_coefficient", s["jumprelu_l0"]))):
+        t = time.perf_counter()
+        cfgs = [sae.SAEConfig(d_sae=size, architecture=arch, **{field: v}, **common)
+                for v in values]
+        results = sae.train_sae_sweep(
+            cfgs, [jax.random.fold_in(root, 10_000 + 100 * a + i) for i in range(len(values))],
+            batch_fn)
+        dt = time.perf_counter() - t
+        for res in results:
+            row = _row(gt, x_eval, res, dt)
+            variants.append(row)
+            if verbose:
+                print(f"[sae] {arch} {field}={row['knob_value']:g} dict={size}: MMCS "
+                      f"{row['mmcs']:.4f}, L0 {row['l0']:.2f}, dead {row['dead_fraction']:.3f}",
+                      flush=True)
+        if verbose:
+            print(f"[sae] {arch}: {len(values)} runs in one program, {dt:.0f} s", flush=True)
     report = {"data": {**s["gt"], "seed": seed, "true_l0": float(gt.probabilities.sum())},
               "steps": s["steps"], "batch_size": s["batch"], "lr": 3e-3,
               "resample_every": s["resample_every"], "lambdas": lam, "dict_sizes": sizes,
-              "runs": runs, "tables": {k: v.tolist() for k, v in tables.items()}}
+              "runs": runs, "tables": {k: v.tolist() for k, v in tables.items()},
+              "variants": variants, "variant_dict_size": size}
     return report, {"tables": tables, "histories": histories}
 
 
@@ -127,6 +162,14 @@ def _summary(report: dict) -> list[str]:
         row = [r for r in gt["runs"] if r["dict_size"] == size]
         lines.append(f"Dictionary {size}: MMCS by lambda " + ", ".join(
             f"{r['l1_coefficient']:g}: {r['mmcs']:.3f}" for r in row) + ".")
+    for arch in ("topk", "jumprelu"):
+        rows = [r for r in gt["variants"] if r["architecture"] == arch]
+        if rows:
+            b = max(rows, key=lambda r: r["mmcs"])
+            lines.append(f"{ {'topk': 'TopK', 'jumprelu': 'JumpReLU'}[arch]} (dictionary "
+                         f"{gt['variant_dict_size']}): MMCS by {rows[0]['knob']} " + ", ".join(
+                             f"{r['knob_value']:g}: {r['mmcs']:.3f} (L0 {r['l0']:.1f})"
+                             for r in rows) + f"; best {b['mmcs']:.4f}.")
     toy = report["toy_model"]
     lines.append(f"SAE on the hidden layer of a toy model (n={toy['toy']['n_features']}, "
                  f"m={toy['toy']['n_hidden']}, {len(toy['toy']['represented'])} features "
@@ -144,12 +187,27 @@ def _markdown(report, figures, summary) -> str:
           f"duplicated latents every {gt['resample_every']} steps (until 75% of training) along "
           "the summed residual of a cluster of high-loss inputs, with the resampled latents' "
           "Adam second moment set to the kept latents' mean. "
-          f"{gt['steps']} steps of batch {gt['batch_size']} per SAE.", "", "## Findings", ""]
+          f"{gt['steps']} steps of batch {gt['batch_size']} per SAE; the runs of one dictionary "
+          "size (and each variant's runs) train as one batched program on a shared data "
+          "stream.", "", "## Findings", ""]
     md += [f"- {s}" for s in summary]
     md += ["", "## Sweep", "", "| lambda | dict | MMCS | frac cos>0.99 | L0 | dead | FVE |",
            "|---|---|---|---|---|---|---|"]
     for r in gt["runs"]:
         md.append(f"| {r['l1_coefficient']:g} | {r['dict_size']} | {r['mmcs']:.4f} | "
+                  f"{r['frac_true_features_cos_above_0.99']:.3f} | {r['l0']:.2f} | "
+                  f"{r['dead_fraction']:.3f} | {r['fraction_variance_explained']:.4f} |")
+    md += ["", "## TopK and JumpReLU", "",
+           "TopK (Gao et al. 2024): the k largest pre-activations, ReLU'd, no sparsity penalty "
+           "(resampling of dead latents as above, instead of the paper's AuxK loss). JumpReLU "
+           "(Rajamanoharan et al. 2024): a per-latent threshold exp(log_threshold), loss MSE + "
+           "lambda_0 L0, the threshold trained through the straight-through pseudo-derivative "
+           "with a rectangle kernel of bandwidth 0.05 (threshold initialised at 0.05). Same "
+           f"data, steps and optimiser; dictionary {gt['variant_dict_size']}.", "",
+           "| architecture | knob | MMCS | frac cos>0.99 | L0 | dead | FVE |",
+           "|---|---|---|---|---|---|---|"]
+    for r in gt["variants"]:
+        md.append(f"| {r['architecture']} | {r['knob']}={r['knob_value']:g} | {r['mmcs']:.4f} | "
                   f"{r['frac_true_features_cos_above_0.99']:.3f} | {r['l0']:.2f} | "
                   f"{r['dead_fraction']:.3f} | {r['fraction_variance_explained']:.4f} |")
     md += ["", "## Figures", ""]
