@@ -63,7 +63,7 @@ def _close(a, b, tol=2e-4):
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, float(np.abs(b).max())))
 
 
-@settings(max_examples=6)
+@settings(max_examples=3)
 @given(pooled_model_and_tokens(), st.sampled_from(["resid_pre", "attn_head_out_by_pos",
                                                    "attn_head_pattern_by_pos"]))
 def test_patching_a_run_into_itself_changes_nothing(mt, family):
@@ -128,7 +128,7 @@ _FAMILY_INDEX = {  # family -> how a result index (after layer) indexes the acti
 }
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(pooled_model_and_tokens(), st.sampled_from(["resid_pre", "attn_head_q_by_pos",
                                                    "attn_head_pattern_dest_src_pos",
                                                    "attn_head_v_all_pos"]),
@@ -150,6 +150,7 @@ def test_batched_sweep_equals_patches_one_at_a_time(mt, family, seed, data):
         _close(res.values[idx], ref)
 
 
+@pytest.mark.slow  # compiles one program per family and helper (~8 programs)
 def test_tl_shapes_and_every_helpers():
     cfg = CONFIG_POOL[1]  # with MLPs
     model = random_params_like(HookedTransformer.from_config(cfg, 0), jax.random.key(0))
@@ -205,7 +206,7 @@ def test_attribution_patching_is_exact_where_the_metric_is_linear(mt, seed):
         _close(attr.values, act.values, tol=1e-4)
 
 
-@settings(max_examples=4)
+@settings(max_examples=3)
 @given(pooled_model_and_tokens(), st.integers(0, 2**16),
        st.sampled_from(["resid_pre", "attn_head_out_by_pos"]))
 def test_attribution_patching_tracks_small_perturbations(mt, seed, family):

@@ -73,7 +73,7 @@ def test_process_weights_keeps_log_probs(model, refactor, seed):
 
 def test_folded_model_checkpoint_round_trips(tmp_path):
     cfg = TransformerConfig(n_layers=2, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=6,
-                            d_mlp=12, attention_backend="xla")
+                            d_mlp=12)
     model = HookedTransformer.from_config(cfg, 0)
     folded = processing.process_weights(model)
     assert folded.cfg.normalization_type == "LNPre" and "ln_final" not in folded.params
