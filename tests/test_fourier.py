@@ -205,6 +205,17 @@ def test_key_frequencies_gap_rule():
     assert fourier.key_frequencies(e) == [5, 10, 14]  # largest first
     e[2] = 1.0  # a step below the keys, still far above the floor: the largest drop decides
     assert fourier.key_frequencies(e) == [5, 10, 14, 3]
+    # a grokked W_E with keys of unequal strength (measured: p 43, seed 1): three strong, two
+    # weaker but far above the floor, then leftovers ~3.5x above the median
+    measured = np.array([24.51, 20.75, 19.66, 6.23, 4.65, 1.31, 1.24, 1.14] + [0.35] * 13)
+    assert fourier.key_frequencies(measured) == [1, 2, 3, 4, 5]
+    # one outlier in noise is not a key frequency unless it clears the floor
+    noise = np.full(20, 1.0)
+    noise[7] = 5.0
+    assert fourier.key_frequencies(noise) == []
+    noise[7] = 50.0
+    assert fourier.key_frequencies(noise) == [8]
+    assert fourier.key_frequencies(np.zeros(5)) == []
     with pytest.raises(ValueError, match="non-negative"):
         fourier.key_frequencies(-flat)
     with pytest.raises(ValueError, match="min_ratio"):

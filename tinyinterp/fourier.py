@@ -370,16 +370,19 @@ def excluded_loss(logits: Float[Array, "pair c"], labels: Int[Array, " pair"], f
 
 
 # ----------------------------------------------------------------------------- summary statistics
-def key_frequencies(energy: Float[Array, " freq"], *, min_ratio: float = 4.0,
-                    max_freqs: int | None = None) -> list[int]:
+def key_frequencies(energy: Float[Array, " freq"], *, min_ratio: float = 2.5,
+                    floor: float = 10.0, max_freqs: int | None = None) -> list[int]:
     """The frequencies that stand out of a spectrum ``energy`` [freq] (entry i is frequency
-    i + 1, e.g. ``Spectrum.energy``): sort the energies, find the largest drop between neighbours
-    (as a ratio), and keep the frequencies above it if that drop is at least ``min_ratio``;
-    otherwise none stand out and the result is empty. Sorted by energy, largest first.
+    i + 1, e.g. ``Spectrum.energy``): sort the energies, and cut at the largest drop between
+    neighbours (as a ratio) among the cuts that keep only frequencies at least ``floor`` times the
+    median energy (the noise floor); the frequencies above the cut are the key ones if that drop
+    is at least ``min_ratio``. Otherwise none stand out and the result is empty. Sorted by
+    energy, largest first.
 
-    Why a gap and not a share of energy: a share always finds "key" frequencies, even in a flat
-    (random) spectrum; the gap finds them only when they are separated from the rest.
-    ``max_freqs`` (default all) bounds where the drop is looked for."""
+    Why a gap above a floor, not a share of energy: a share always finds "key" frequencies, even
+    in a flat (random) spectrum; the floor keeps noise out, and the gap separates the circuit's
+    frequencies from weaker leftovers (a grokked W_E: 3-5 frequencies 50-180x the median, the
+    rest within ~10x). ``max_freqs`` (default all) bounds how many can be key."""
     e = np.asarray(energy, np.float64)
     if e.ndim != 1 or e.size < 2:
         raise ValueError(f"energy must be a 1-D spectrum over >= 2 frequencies, got shape {e.shape}")
@@ -387,11 +390,16 @@ def key_frequencies(energy: Float[Array, " freq"], *, min_ratio: float = 4.0,
         raise ValueError("energy must be finite and non-negative")
     if min_ratio <= 1.0:
         raise ValueError(f"min_ratio must be > 1, got {min_ratio}")
+    if floor < 1.0:
+        raise ValueError(f"floor must be >= 1 (a multiple of the median energy), got {floor}")
     order = np.argsort(-e, kind="stable")
     s = e[order]
     top = len(s) - 1 if max_freqs is None else max(1, min(int(max_freqs), len(s) - 1))
+    above = int(np.sum(s[:top] >= floor * np.median(e)))  # cuts after 1 .. `above` freqs allowed
+    if above == 0 or s[0] == 0.0:  # nothing above the floor, or an all-zero spectrum
+        return []
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = s[:top] / np.maximum(s[1:top + 1], np.finfo(np.float64).tiny)
+        ratios = s[:above] / np.maximum(s[1:above + 1], np.finfo(np.float64).tiny)
     i = int(np.argmax(ratios))
     if not ratios[i] >= min_ratio:
         return []

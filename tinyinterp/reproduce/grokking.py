@@ -532,7 +532,8 @@ def checks(result: TrainResult, f: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "value": {"n": len(keys), "frequencies": keys, "energy_share": share},
         "threshold": f"{lo}-{hi} frequencies carrying > {KEY_ENERGY_MIN:.0%} of W_E's Fourier energy",
         "words": (f"W_E's Fourier spectrum has {len(keys)} key frequencies {sorted(keys)} (those "
-                  f"above the largest drop in its sorted spectrum) carrying {share:.0%} of its "
+                  f"above the largest drop in its sorted spectrum, all >= 10x its median) carrying "
+                  f"{share:.0%} of its "
                   f"energy (squared norm, constant left out); the other "
                   f"{result.data.p // 2 - len(keys)} frequencies share the rest.")}
     i_mem, i_clean = _at(pm, ph["memorisation_end"]), _at(pm, ph["cleanup_start"])
