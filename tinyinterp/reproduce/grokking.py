@@ -746,7 +746,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def enable_compile_cache() -> str | None:
     """Point JAX's persistent compilation cache at ~/.cache/tinyinterp/jax (or
     $TINYINTERP_JAX_CACHE) unless the user has set one, so the command's programs (a few seconds
-    of XLA compilation) are compiled once and reused by later runs. Returns the folder in use."""
+    of XLA compilation) are compiled once and reused by later runs; at most 256 MiB, the least
+    recently used entries evicted first. Returns the folder in use."""
     if jax.config.jax_compilation_cache_dir is None:
         folder = os.environ.get("TINYINTERP_JAX_CACHE") or os.path.join(
             os.path.expanduser("~"), ".cache", "tinyinterp", "jax")
@@ -756,6 +757,8 @@ def enable_compile_cache() -> str | None:
             return None  # no cache: everything still works, it only compiles again
         jax.config.update("jax_compilation_cache_dir", folder)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        if jax.config.jax_compilation_cache_max_size == -1:  # bounded: least recently used go first
+            jax.config.update("jax_compilation_cache_max_size", 256 * 2**20)
     return jax.config.jax_compilation_cache_dir
 
 
