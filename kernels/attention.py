@@ -32,7 +32,8 @@ How the fused kernels are fast:
   * softmax uses a vector exp (Cody-Waite range reduction + Cephes polynomial, 2^k built from
     exponent bits; Numba's exp is a scalar libm call without Intel SVML);
   * the forward keeps only the per-row log-sum-exp; the backward recomputes the probabilities
-    from it (FlashAttention-2 style) instead of storing the [query, key] pattern.
+    from it (FlashAttention-2 style) instead of storing the [query, key] pattern, and
+    renormalises each recomputed row (see attention_bwd).
 """
 
 from __future__ import annotations
@@ -211,10 +212,11 @@ def _dot_row(a, b, n):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _store_rows(src, n, dst, b, h, i0, factor):
-    """dst[b, i0 + r, h, :] = factor * src[r, :d_head] for the first n rows of a block."""
+def _store_rows(src, n, dst, b, h, i0, factor, row_factors):
+    """dst[b, i0 + r, h, :] = factor * row_factors[r] * src[r, :d_head] for the first n rows of a
+    block."""
     for r in range(n):
-        _scale_row(src[r], dst[b, i0 + r, h], factor)
+        _scale_row(src[r], dst[b, i0 + r, h], factor * row_factors[r])
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -306,15 +308,20 @@ def _rows_times_mat(out, p, n, m, n_cols):
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _accumulate_outer(acc, n, w, rows, i0, n_cols):
-    """acc[j, c:c + L] += sum_r w[r, j] * rows[i0 + r, c:c + L] for keys j < n (dK += dS^T q,
-    dV += P^T dz). Rows are summed in two chains (even, odd) and then added, in a fixed order."""
+def _accumulate_outer(acc, n, w, rows, i0, n_cols, f):
+    """acc[j, c:c + L] += sum_r f[r] w[r, j] * rows[i0 + r, c:c + L] for keys j < n (dK += dS^T q,
+    dV += P^T dz, with the rows' factors f). Rows are summed in two chains (even, odd) and then
+    added, in a fixed order."""
     w0, w1, w2, w3, w4, w5, w6, w7 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]
     for c in range(0, n_cols, _L):
-        y0, y1 = vload(rows[i0], c), vload(rows[i0 + 1], c)
-        y2, y3 = vload(rows[i0 + 2], c), vload(rows[i0 + 3], c)
-        y4, y5 = vload(rows[i0 + 4], c), vload(rows[i0 + 5], c)
-        y6, y7 = vload(rows[i0 + 6], c), vload(rows[i0 + 7], c)
+        y0 = vmul(vload(rows[i0], c), vsplat(f[0]))
+        y1 = vmul(vload(rows[i0 + 1], c), vsplat(f[1]))
+        y2 = vmul(vload(rows[i0 + 2], c), vsplat(f[2]))
+        y3 = vmul(vload(rows[i0 + 3], c), vsplat(f[3]))
+        y4 = vmul(vload(rows[i0 + 4], c), vsplat(f[4]))
+        y5 = vmul(vload(rows[i0 + 5], c), vsplat(f[5]))
+        y6 = vmul(vload(rows[i0 + 6], c), vsplat(f[6]))
+        y7 = vmul(vload(rows[i0 + 7], c), vsplat(f[7]))
         for j in range(n):
             even = vfma(vsplat(w0[j]), y0, vload(acc[j], c))
             even = vfma(vsplat(w2[j]), y2, even)
@@ -411,7 +418,12 @@ def attention_bwd(q, k, v, offsets, z, lse, dz, scale, dq, dk, dv, counter, firs
 
     Per block of 8 query rows: P = exp(scores - lse) (recomputed), dP = dz V^T, dS = P (dP - delta)
     with delta_i = dz_i . z_i, then dQ = dS K * scale, dK += dS^T (q * scale), dV += P^T dz.
-    The offsets place head h in q, k, v and in dq, dk, dv alike (see attention_fwd)."""
+    The offsets place head h in q, k, v and in dq, dk, dv alike (see attention_fwd).
+
+    The recomputed rows of P are renormalised to sum to 1 (a factor per row, applied where dS and
+    P are used): lse is a float32, so at logits of magnitude L, exp(scores - lse) is off by a
+    common factor of up to half an ulp of L per row (3e-5 at L = 1000, where XLA's softmax
+    backward is exact to 1e-7); the row's sum of P removes that factor."""
     n_batch, n_pos, n_heads, d_head = z.shape
     item, count = first, 0
     n_items, per_item = work_items(n_batch, n_heads)
@@ -429,6 +441,7 @@ def attention_bwd(q, k, v, offsets, z, lse, dz, scale, dq, dk, dv, counter, firs
     ds = np.empty((_BLOCK, pp), np.float32)
     dqb = np.empty((_BLOCK, dp), np.float32)
     shifts = np.empty(_BLOCK, np.float32)
+    norms = np.empty(_BLOCK, np.float32)  # 1 / the row sums of the recomputed P
     pos_inf = np.float32(np.inf)
     while item < n_items:
         for bh in range(item * per_item, min((item + 1) * per_item, n_batch * n_heads)):
@@ -461,10 +474,16 @@ def attention_bwd(q, k, v, offsets, z, lse, dz, scale, dq, dk, dv, counter, firs
                     _p_ds(c[5], g[5], shifts[5], delta[i0 + 5], p[5], ds[5], j)
                     _p_ds(c[6], g[6], shifts[6], delta[i0 + 6], p[6], ds[6], j)
                     _p_ds(c[7], g[7], shifts[7], delta[i0 + 7], p[7], ds[7], j)
+                for r in range(_BLOCK):  # row sums of P, read back from the block's scratch
+                    acc = vzero()
+                    for t in range(n_tiles):
+                        acc = vadd(acc, vload(p[r], t * _L))
+                    total = vhsum(acc)  # padding rows (0) and NaN rows keep a factor of 1
+                    norms[r] = _ONE / total if total > _ZERO else _ONE
                 _rows_times_mat(dqb, ds, n, kp, dp)  # dQ = dS K (times scale below)
-                _store_rows(dqb, n - i0, dq, b, hq, i0, scale)
-                _accumulate_outer(dkp, n, ds, qs, i0, dp)  # dK += dS^T (q * scale)
-                _accumulate_outer(dvp, n, p, dzs, i0, dp)  # dV += P^T dz
+                _store_rows(dqb, n - i0, dq, b, hq, i0, scale, norms)
+                _accumulate_outer(dkp, n, ds, qs, i0, dp, norms)  # dK += dS^T (q * scale)
+                _accumulate_outer(dvp, n, p, dzs, i0, dp, norms)  # dV += P^T dz
             for t in range(n_pos):
                 _scale_row(dkp[t], dk[b, t, hk], _ONE)
                 _scale_row(dvp[t], dv[b, t, hv], _ONE)

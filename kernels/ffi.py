@@ -80,6 +80,7 @@ from .targets import (
     ATTENTION_FWD,
     ATTENTION_FWD_PACKED,
     ATTENTION_OUT_FWD,
+    KERNELS,
     QKV_FWD,
     SCORES_BWD,
     SCORES_FWD,
@@ -613,14 +614,43 @@ def _check(frame, kernel):
 
 
 @_njit_helper
+def _flat_or_empty(frame, i, n_args, n):
+    """Buffer i of args + rets as a flat float32 array (_flat), or an empty one if i >= n."""
+    if i < n:
+        return _flat(_buffer(frame, i, n_args))
+    return carray(_voidptr(0), (0,), np.float32)
+
+
+@_njit_helper
+def _dims_or_empty(frame, i, n_args, n):
+    """Buffer i's dims (_dims), or an empty array if i >= n."""
+    if i < n:
+        return _dims(_buffer(frame, i, n_args))
+    return carray(_voidptr(0), (0,), np.int64)
+
+
+MAX_BUFFERS = 9  # the most arguments + results of any kernel (attention's backward)
+
+
+@_njit_helper
 def _entry(frame_ptr, scale, counter, first, kernel):
-    """The template of every kernel entry (module docstring) for the FfiKernel ``kernel``."""
+    """The template of every kernel entry (module docstring) for the FfiKernel ``kernel``. The
+    buffers go to ``kernel.run`` as tuples of MAX_BUFFERS views (empty past the kernel's own):
+    tuples live on the stack, where lists would be a heap allocation per task."""
     frame = _addr(frame_ptr)
     if first == CHECK:
         return _check(frame, kernel)
     n_args, n = len(kernel.args), len(kernel.args) + len(kernel.rets)
-    bufs = [_flat(_buffer(frame, i, n_args)) for i in range(n)]
-    shapes = [_dims(_buffer(frame, i, n_args)) for i in range(n)]
+    bufs = (_flat_or_empty(frame, 0, n_args, n), _flat_or_empty(frame, 1, n_args, n),
+            _flat_or_empty(frame, 2, n_args, n), _flat_or_empty(frame, 3, n_args, n),
+            _flat_or_empty(frame, 4, n_args, n), _flat_or_empty(frame, 5, n_args, n),
+            _flat_or_empty(frame, 6, n_args, n), _flat_or_empty(frame, 7, n_args, n),
+            _flat_or_empty(frame, 8, n_args, n))
+    shapes = (_dims_or_empty(frame, 0, n_args, n), _dims_or_empty(frame, 1, n_args, n),
+              _dims_or_empty(frame, 2, n_args, n), _dims_or_empty(frame, 3, n_args, n),
+              _dims_or_empty(frame, 4, n_args, n), _dims_or_empty(frame, 5, n_args, n),
+              _dims_or_empty(frame, 6, n_args, n), _dims_or_empty(frame, 7, n_args, n),
+              _dims_or_empty(frame, 8, n_args, n))
     return kernel.run(bufs, shapes, scale, carray(counter, (1,), np.int64), first)
 
 
@@ -684,6 +714,9 @@ ENTRIES = {
     QKV_FWD: qkv_fwd_entry,
 }
 assert tuple(ENTRIES) == TARGETS, "kernels/targets.py and ENTRIES must list the same targets"
+assert all(len(k.args) + len(k.rets) <= MAX_BUFFERS for k in (
+    getattr({"attention": attention, "block": block}[module], name)
+    for module, name in KERNELS.values())), "raise MAX_BUFFERS (and _entry's tuples)"
 
 _compiled: dict = {}
 _lock = threading.Lock()

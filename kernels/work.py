@@ -55,7 +55,9 @@ class FfiKernel(NamedTuple):
     items        njit (shape: int64[:]) -> the number of work items of a call
     run          njit (bufs, shapes, scale, counter, first) -> items computed: runs item
                  ``first`` and those claimed from ``counter``; ``bufs[i]`` is buffer i of
-                 args + rets as a flat float32 array, ``shapes[i]`` its dims (int64)
+                 args + rets as a flat float32 array, ``shapes[i]`` its dims (int64); both are
+                 tuples of a fixed length (kernels/ffi.py: MAX_BUFFERS), empty past the
+                 kernel's buffers
     """
 
     args: tuple[int, ...]

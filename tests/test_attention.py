@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tinyinterp.fast import attention as attn
@@ -85,8 +85,11 @@ def _compare_backends(q, k, v, ct, scale):
 @needs_numba
 @settings(max_examples=15)
 @given(shape=_shape_strategy(), logit=st.sampled_from([1.0, 30.0, 1e3]), seed=st.integers(0, 99))
+@example(shape=(1, 84, 1, 1), logit=1e3, seed=34)  # P from the float32 lse alone: dv off by 3.3e-5
 def test_fused_matches_xla_exact_scores_large_logits(shape, logit, seed):
-    """Logits up to ~1e3 (integer-valued q, k; power-of-two scale): z and grads agree."""
+    """Logits up to ~1e3 (integer-valued q, k; power-of-two scale): z and grads agree (the
+    backward renormalises the rows of P it recomputes from the float32 lse, whose ulp at 1e3 is
+    6e-5)."""
     rng = np.random.default_rng(seed)
     b, t, h, d = shape
     # integers in [-r, r] with d * r^2 * scale ~ logit; scale = 2^-3 keeps the scores exact
