@@ -21,10 +21,15 @@ Dtypes: the Numba kernels compute in float32 and these functions raise ``TypeErr
 dtype on the "numba" backend (they never cast); the model's plan sends other dtypes to the plain
 path. The XLA backend accepts any floating dtype.
 
+The binding: kernels/ffi.py holds one Numba ``@cfunc`` handler, registered under every target of
+kernels/targets.py, one task, and one kernel entry per target; each target is registered and its
+entry compiled on first use (``tinyinterp.fast.ffi.ensure_registered``).
+
 Support check: on first use of the Numba backend (``numba_unavailable_reason``) the jaxlib version
-and the FFI API version of its header are checked (``ffi.version_problem``), the handlers are
-registered and a tiny call is compared with the XLA path. If anything fails (other versions, not on
-CPU, Numba cannot compile), "auto" and "numba" resolve to "xla" with one warning that says why.
+(against the range whose offsets kernels/xla_ffi_abi.py names) and the FFI API version of its
+header are checked (``ffi.version_problem``), and a tiny call is compared with the XLA path. If
+anything fails (other versions, not on CPU, Numba cannot compile), "auto" and "numba" resolve to
+"xla" with one warning that says why.
 """
 
 from __future__ import annotations
