@@ -41,8 +41,7 @@ from tinyinterp.params import Params, check_params, count_params, init_params
 # ----------------------------------------------------------------------------- embed
 def embed(params: Params, tokens: Int[Array, "batch pos"], cfg: TransformerConfig,
           hp: HookContext) -> Float[Array, "batch pos d_model"]:
-    """Token + learned positional embedding. Out-of-range tokens are rejected before the forward
-    pass when their values are known; inside a trace they embed as NaN (never silently clamped)."""
+    """Token + positional embedding; an out-of-range token embeds as NaN (never silently clamped)."""
     W_E = params["embed"]["W_E"]  # [d_vocab, d_model]
     in_range = (tokens >= 0) & (tokens < cfg.d_vocab)  # [batch, pos]
     tok = jnp.where(in_range[..., None], W_E[jnp.where(in_range, tokens, 0)], jnp.nan)
@@ -56,8 +55,7 @@ def embed(params: Params, tokens: Int[Array, "batch pos"], cfg: TransformerConfi
 def normalize(x: Float[Array, "batch pos d_model"], p: dict, name: str, cfg: TransformerConfig,
               hp: HookContext, *, affine: bool = True) -> Float[Array, "batch pos d_model"]:
     """LN / LNPre / RMS / RMSPre / None, as TransformerLens: hook_scale is sqrt(mean(x^2) + eps)
-    [batch, pos, 1] (after centring for LN*); hook_normalized is x / scale, before the weight w
-    and the bias b (TL's convention). ``affine=False`` stops before w and b."""
+    [batch, pos, 1] (after centring for LN*); hook_normalized is x / scale, before w and b."""
     kind = cfg.normalization_type
     if kind is None:
         return x
@@ -129,13 +127,17 @@ def attention_sublayer(p: dict, resid: Float[Array, "batch pos d_model"], layer:
 
 
 # ----------------------------------------------------------------------------- mlp
+def linear(x: Float[Array, "batch pos n_in"], W: Float[Array, "n_in n_out"], b: Float[Array, " n_out"]
+           ) -> Float[Array, "batch pos n_out"]:
+    """x @ W + b over the last axis, as one 2-D matmul (XLA's CPU backward of a 3-D one is slower)."""
+    return (x.reshape(-1, x.shape[-1]) @ W + b[None]).reshape(*x.shape[:-1], W.shape[-1])
+
+
 def mlp(p: dict, x: Float[Array, "batch pos d_model"], layer: int, cfg: TransformerConfig,
         hp: HookContext) -> Float[Array, "batch pos d_model"]:
-    # x [batch, pos, d_model] @ W_in [d_model, d_mlp] -> [batch, pos, d_mlp]
-    pre = hp(f"blocks.{layer}.mlp.hook_pre", x @ p["W_in"] + p["b_in"][None, None])
+    pre = hp(f"blocks.{layer}.mlp.hook_pre", linear(x, p["W_in"], p["b_in"]))
     post = hp(f"blocks.{layer}.mlp.hook_post", ACTIVATIONS[cfg.act_fn](pre))
-    # post [batch, pos, d_mlp] @ W_out [d_mlp, d_model] -> [batch, pos, d_model]
-    return post @ p["W_out"] + p["b_out"][None, None]
+    return linear(post, p["W_out"], p["b_out"])
 
 
 # ----------------------------------------------------------------------------- block
@@ -156,8 +158,7 @@ def block(p: dict, resid: Float[Array, "batch pos d_model"], layer: int, cfg: Tr
 def unembed(params: Params, resid: Float[Array, "batch pos d_model"], cfg: TransformerConfig,
             hp: HookContext) -> Float[Array, "batch pos d_vocab_out"]:
     x = hp("unembed.hook_in", normalize(resid, params.get("ln_final", {}), "ln_final", cfg, hp))
-    # x [batch, pos, d_model] @ W_U [d_model, d_vocab_out] -> [batch, pos, d_vocab_out]
-    return hp("unembed.hook_out", x @ params["unembed"]["W_U"] + params["unembed"]["b_U"][None, None])
+    return hp("unembed.hook_out", linear(x, params["unembed"]["W_U"], params["unembed"]["b_U"]))
 
 
 # ----------------------------------------------------------------------------- forward

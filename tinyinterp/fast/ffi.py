@@ -26,7 +26,6 @@ from tinyinterp.kernels.targets import (  # noqa: F401 - the names the JAX side 
     ATTENTION_FWD,
     ATTENTION_FWD_PACKED,
     ATTENTION_OUT_FWD,
-    QKV_FWD,
     SCORES_BWD,
     SCORES_FWD,
     SUBLAYER_FWD,

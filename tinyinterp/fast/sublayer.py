@@ -42,11 +42,13 @@ def attention_sublayer(plain: Callable, p: dict, resid: Float[Array, "batch pos 
         plan = plan_sublayer(backend, cfg, hp, layer, resid.shape, resid.dtype)
     if plan == PLAIN:
         return plain(p, resid, layer, cfg, hp)
-    if plan == FUSED:
+    if plan == FUSED:  # its gradients: those of the plan the sublayer would run unfused
+        unfused = plan_sublayer(backend, cfg, HookContext(), layer, resid.shape, resid.dtype,
+                                exclude=("fused",))
         return with_reference_grad(
             lambda p, x: _fused(p, x, cfg),
-            lambda p, x: _kernels(Plan("kernels", "packed", "fused", "jnp"), p, x, layer, cfg,
-                                  HookContext()))(p, resid)
+            lambda p, x: attention_sublayer(plain, p, x, layer, cfg, HookContext(), backend,
+                                            unfused))(p, resid)
     return _kernels(plan, p, resid, layer, cfg, hp)
 
 
@@ -84,13 +86,6 @@ def _fused(p: dict, resid: jax.Array, cfg: TransformerConfig) -> jax.Array:
                                        norm=cfg.normalization_type)
 
 
-def _qkv_reference(x: Float[Array, "batch pos d_model"], W: Float[Array, "d_model n_qkv"],
-                   b: Float[Array, " n_qkv"], n_heads: int):
-    """q, k, v = x @ W + b split three ways: [batch, pos, d_model] -> 3 x [batch, pos, head, d_head]."""
-    qkv = (x @ W + b[None, None]).reshape(*x.shape[:2], 3, n_heads, -1)
-    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-
-
 def _out_reference(z: Float[Array, "batch pos head d_head"], W_O: Float[Array, "head d_head d_model"],
                    b_O: Float[Array, " d_model"]):
     """(hook_result [batch, pos, head, d_model], the summed output [batch, pos, d_model])."""
@@ -115,22 +110,17 @@ def _kernels(plan: Plan, p: dict, resid: jax.Array, layer: int, cfg: Transformer
     want_s, want_p = hp.wants(f"{a}.hook_attn_scores"), hp.wants(f"{a}.hook_pattern")
     if plan.qkv == "packed":  # q, k, v never leave the packed array
         W, bias = _packed_weights(pa, ln, cfg)
-        # [batch, pos, d_model] @ [d_model, 3*head*d_head] -> [batch, pos, 3, head, d_head]
-        qkv = (x @ W + bias[None, None]).reshape(*x.shape[:2], 3, cfg.n_heads, cfg.d_head)
+        # [batch*pos, d_model] @ [d_model, 3*head*d_head] -> [batch, pos, 3, head, d_head]
+        qkv = (x.reshape(-1, x.shape[-1]) @ W + bias[None]).reshape(
+            *x.shape[:2], 3, cfg.n_heads, cfg.d_head)
         z, scores, pattern = kernels.packed_causal_attention(
             qkv, backend="numba", scale=scale, scores=want_s, pattern=want_p)
         for name, value in ((f"{a}.hook_attn_scores", scores), (f"{a}.hook_pattern", pattern)):
             if value is not None:
                 hp(name, value)  # read, not edited (the plan's guarantee)
     else:
-        if plan.qkv == "kernel":
-            W, bias = _packed_weights(pa, ln, cfg)
-            q, k, v = with_reference_grad(
-                lambda x, W, b: kernels.qkv_fwd(x, W, b, cfg.n_heads),
-                lambda x, W, b: _qkv_reference(x, W, b, cfg.n_heads))(x, W, bias)
-        else:
-            q, k, v = (jnp.einsum("bpm,hmd->bphd", x, pa[f"W_{c}"]) + pa[f"b_{c}"][None, None]
-                       for c in "QKV")
+        q, k, v = (jnp.einsum("bpm,hmd->bphd", x, pa[f"W_{c}"]) + pa[f"b_{c}"][None, None]
+                   for c in "QKV")
         q, k, v = (hp(f"{a}.hook_{c}", t) for c, t in zip("qkv", (q, k, v), strict=True))
         if plan.core == "split":
             scores = hp(f"{a}.hook_attn_scores",
