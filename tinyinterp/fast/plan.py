@@ -11,7 +11,7 @@ shape and its dtype, and nothing else:
     route "kernels"  the sublayer step by step, visiting its hook points, with Numba kernels for:
       qkv  "packed"  q, k, v made by one matmul into one [batch, pos, 3, head, d_head] array that
                      the attention kernels read in place (nobody reads q, k or v)
-           "jnp"     the plain projections (a run reads or edits q, k or v, or edits the scores)
+           "jnp"     q, k, v by one jnp matmul (norm folded in) and sliced: a run reads or edits them
       core "fused"   attention without ever building the pattern (nobody reads it)
            "writes"  the fused kernel also writes the scores / pattern a cache reads
            "split"   scores and z by two kernels around the plain softmax (a hook edits them)

@@ -106,7 +106,7 @@ def _kernels(plan: Plan, p: dict, resid: jax.Array, layer: int, cfg: Transformer
     """The "kernels" route: model.attention_sublayer step by step with the plan's kernels."""
     a, ln, pa = f"blocks.{layer}.attn", p.get("ln1", {}), p["attn"]
     scale = 1.0 / math.sqrt(cfg.d_head)
-    x = spec.normalize(resid, ln, f"blocks.{layer}.ln1", cfg, hp, affine=plan.qkv == "jnp")
+    x = spec.normalize(resid, ln, f"blocks.{layer}.ln1", cfg, hp, affine=False)  # w, b folded
     want_s, want_p = hp.wants(f"{a}.hook_attn_scores"), hp.wants(f"{a}.hook_pattern")
     if plan.qkv == "packed":  # q, k, v never leave the packed array
         W, bias = _packed_weights(pa, ln, cfg)
@@ -119,8 +119,10 @@ def _kernels(plan: Plan, p: dict, resid: jax.Array, layer: int, cfg: Transformer
             if value is not None:
                 hp(name, value)  # read, not edited (the plan's guarantee)
     else:
-        q, k, v = (jnp.einsum("bpm,hmd->bphd", x, pa[f"W_{c}"]) + pa[f"b_{c}"][None, None]
-                   for c in "QKV")
+        W, bias = _packed_weights(pa, ln, cfg)  # one 2-D matmul, then q, k, v sliced out of it
+        qkv = (x.reshape(-1, x.shape[-1]) @ W + bias[None]).reshape(
+            *x.shape[:2], 3, cfg.n_heads, cfg.d_head)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k, v = (hp(f"{a}.hook_{c}", t) for c, t in zip("qkv", (q, k, v), strict=True))
         if plan.core == "split":
             scores = hp(f"{a}.hook_attn_scores",
