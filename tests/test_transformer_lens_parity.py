@@ -17,15 +17,22 @@ from tinyinterp.fast.plan import PLANS
 from tinyinterp.interop import to_transformer_lens_state_dict
 from tinyinterp.testing import configs, models
 
-if os.environ.get("CI") == "true":
-    import torch
-    import transformer_lens as tl
-else:
-    tl = pytest.importorskip("transformer_lens")
-    torch = pytest.importorskip("torch")
+
+def _libs():
+    """(transformer_lens, torch), imported when a parity test runs, not when tests are collected:
+    with torch loaded for the whole session, XLA segfaulted compiling in worker threads (seen in
+    a CI run of the superposition reproduction)."""
+    if os.environ.get("CI") == "true":
+        import torch
+        import transformer_lens as tl
+    else:
+        tl = pytest.importorskip("transformer_lens")
+        torch = pytest.importorskip("torch")
+    return tl, torch
 
 
 def tl_model_for(model):
+    tl, torch = _libs()
     c = model.cfg
     tl_cfg = tl.HookedTransformerConfig(
         n_layers=c.n_layers, d_model=c.d_model, n_ctx=c.n_ctx, d_head=c.d_head, n_heads=c.n_heads,
@@ -44,6 +51,7 @@ def tl_model_for(model):
 @settings(max_examples=12)
 @given(models(configs(act_fns=("relu", "gelu", "gelu_new", "silu"))), st.integers(0, 2**31 - 1))
 def test_every_hook_point_matches_transformer_lens(model, seed):
+    _, torch = _libs()
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, model.cfg.d_vocab, size=(2, model.cfg.n_ctx)).astype(np.int32)
     logits, cache = model.run_with_cache(tokens)
@@ -79,6 +87,8 @@ def test_every_plan_setting_matches_transformer_lens(plan, norm, attn_only):
 
     import tinyinterp
     from tinyinterp.model import forward_with_cache
+
+    _, torch = _libs()
 
     if plan.route != "plain" and tinyinterp.fast.numba_unavailable_reason() is not None:
         pytest.skip(f"numba backend unavailable: {tinyinterp.fast.numba_unavailable_reason()}")
