@@ -747,7 +747,10 @@ def enable_compile_cache() -> str | None:
     """Point JAX's persistent compilation cache at ~/.cache/tinyinterp/jax (or
     $TINYINTERP_JAX_CACHE) unless the user has set one, so the command's programs (a few seconds
     of XLA compilation) are compiled once and reused by later runs; at most 256 MiB, the least
-    recently used entries evicted first. Returns the folder in use."""
+    recently used entries evicted first; TINYINTERP_JAX_CACHE=off leaves it off. Returns the
+    folder in use."""
+    if os.environ.get("TINYINTERP_JAX_CACHE") == "off":
+        return None  # (the tests: a process-wide persistent cache crashed XLA compiling in threads)
     if jax.config.jax_compilation_cache_dir is None:
         folder = os.environ.get("TINYINTERP_JAX_CACHE") or os.path.join(
             os.path.expanduser("~"), ".cache", "tinyinterp", "jax")
