@@ -20,11 +20,6 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 _CHECKED = ["tinyinterp.model", "tinyinterp.fast", "tinyinterp.inputs"]
 install_import_hook(_CHECKED, "beartype.beartype")
 
-# `tinyinterp reproduce grokking` turns on JAX's persistent compilation cache for its process; run
-# in-process by a test, it stayed on for every later test, and XLA crashed writing it from the
-# superposition reproduction's worker threads (two CI runs, in _compile_and_write_cache).
-os.environ["TINYINTERP_JAX_CACHE"] = "off"
-
 import jax  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 

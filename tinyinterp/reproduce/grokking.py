@@ -743,30 +743,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="reduced but real run (CI)")
 
 
-def enable_compile_cache() -> str | None:
-    """Point JAX's persistent compilation cache at ~/.cache/tinyinterp/jax (or
-    $TINYINTERP_JAX_CACHE) unless the user has set one, so the command's programs (a few seconds
-    of XLA compilation) are compiled once and reused by later runs; at most 256 MiB, the least
-    recently used entries evicted first; TINYINTERP_JAX_CACHE=off leaves it off. Returns the
-    folder in use."""
-    if os.environ.get("TINYINTERP_JAX_CACHE") == "off":
-        return None  # (the tests: a process-wide persistent cache crashed XLA compiling in threads)
-    if jax.config.jax_compilation_cache_dir is None:
-        folder = os.environ.get("TINYINTERP_JAX_CACHE") or os.path.join(
-            os.path.expanduser("~"), ".cache", "tinyinterp", "jax")
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError:
-            return None  # no cache: everything still works, it only compiles again
-        jax.config.update("jax_compilation_cache_dir", folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-        if jax.config.jax_compilation_cache_max_size == -1:  # bounded: least recently used go first
-            jax.config.update("jax_compilation_cache_max_size", 256 * 2**20)
-    return jax.config.jax_compilation_cache_dir
-
-
 def main(args: argparse.Namespace) -> int:
-    enable_compile_cache()  # the command only: a library call leaves JAX's settings alone
     try:
         run(args.out, seed=args.seed, paper=args.paper, quick=args.quick)
     except GrokkingCheckFailed as e:
