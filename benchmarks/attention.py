@@ -32,6 +32,7 @@ def measured_core_peak_gflops(seconds: float = 0.3) -> float:
     multiply-adds (kernels/simd.py) in registers, best of 5 runs. The peak the kernels could reach,
     on this machine, now (a VM does not tell its clock or its FMA units)."""
     from numba import njit
+
     from tinyinterp.kernels.simd import LANES, vadd, vfma, vload, vsplat, vstore
 
     @njit

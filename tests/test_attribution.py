@@ -16,13 +16,9 @@ from hypothesis import strategies as st
 
 from tinyinterp import attribution as A
 from tinyinterp.config import TransformerConfig
+from tinyinterp.fast import numba_unavailable_reason
 from tinyinterp.model import HookedTransformer
 from tinyinterp.testing import CONFIG_POOL, random_params_like
-
-try:
-    from tinyinterp.fast import numba_unavailable_reason
-except ImportError:  # before the restructure
-    from tinyinterp.attention import numba_unavailable_reason
 
 NUMBA_PROBLEM = numba_unavailable_reason()
 needs_numba = pytest.mark.skipif(NUMBA_PROBLEM is not None,

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from numba import njit
+
 from tinyinterp.kernels.simd import (
     LANES,
     vbroadcast,
