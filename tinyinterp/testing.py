@@ -140,3 +140,89 @@ def pooled_model_and_tokens(draw, *, batch: int = 2, attention_backend: str = "a
     toks = jax.random.randint(jax.random.fold_in(jax.random.key(seed), 1), (batch, cfg.n_ctx), 0,
                               cfg.d_vocab, dtype=jnp.int32)
     return model, toks
+
+
+# ----------------------------------------------------------------------------- more strategies
+@st.composite
+def params(draw, cfg: TransformerConfig, *, scale: float = 0.3):
+    """A params pytree for ``cfg``: the seeded init plus Gaussian noise (``scale``) on every leaf."""
+    seed = draw(st.integers(0, 2**31 - 1), label="params_seed")
+    model = HookedTransformer.from_config(cfg, seed=seed)
+    return random_params_like(model, jax.random.key(seed ^ 0x5EED), scale).params
+
+
+@st.composite
+def clean_corrupted(draw, cfg: TransformerConfig, *, batch: int = 2, pos: int | None = None,
+                    positions: Sequence[int] | None = None, max_changed: int = 1):
+    """(clean [batch, pos], corrupted [batch, pos], changed positions): the two batches differ
+    exactly at ``positions`` (drawn, up to ``max_changed`` of them, when None), in every row
+    (each changed token is replaced by a different id)."""
+    n = cfg.n_ctx if pos is None else pos
+    if positions is None:
+        positions = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=max_changed,
+                                  unique=True), label="positions")
+    positions = sorted(int(p) % n for p in positions)
+    seed = draw(st.integers(0, 2**31 - 1), label="token_seed")
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    clean = jax.random.randint(k1, (batch, n), 0, cfg.d_vocab, dtype=jnp.int32)
+    shift = jax.random.randint(k2, (batch, len(positions)), 1, cfg.d_vocab, dtype=jnp.int32)
+    idx = jnp.asarray(positions)
+    corrupted = clean.at[:, idx].set((clean[:, idx] + shift) % cfg.d_vocab)
+    return clean, corrupted, tuple(positions)
+
+
+@st.composite
+def planted_models(draw, kinds: Sequence[str] | None = None, *, max_layers: int = 3,
+                   max_heads: int = 3, d_vocab: Sequence[int] = (5, 7), n_ctx: Sequence[int] = (8, 10),
+                   max_distractor_scale: float = 0.5, attn_only: bool | None = True):
+    """A ``tinyinterp.planted.PlantedModel`` with the planted heads ``kinds`` (drawn from
+    ``planted.HEAD_KINDS`` when None) at drawn layers and head indices, among distractors at a
+    drawn scale. Sizes come from small pools (fewer compilations)."""
+    from tinyinterp import planted
+
+    if kinds is None:
+        kinds = draw(st.lists(st.sampled_from(planted.HEAD_KINDS), min_size=1, max_size=3,
+                              unique=True), label="kinds")
+    kinds = list(kinds)
+    n_planted = len(set(kinds) | ({"previous_token"} if "induction" in kinds else set()))
+    min_layers = 2 if "induction" in kinds else 1
+    n_layers = draw(st.integers(min_layers, max(min_layers, max_layers)), label="n_layers")
+    min_heads = max(1, -(-n_planted // n_layers))
+    n_heads = draw(st.integers(min_heads, max(min_heads, max_heads)), label="n_heads")
+    only = draw(st.booleans(), label="attn_only") if attn_only is None else attn_only
+    return planted.planted_model(
+        kinds, d_vocab=draw(st.sampled_from(list(d_vocab)), label="d_vocab"),
+        n_ctx=draw(st.sampled_from(list(n_ctx)), label="n_ctx"), n_layers=n_layers,
+        n_heads=n_heads, attn_only=only,
+        distractor_scale=draw(st.floats(0.0, max_distractor_scale), label="distractor_scale"),
+        seed=draw(st.integers(0, 2**31 - 1), label="seed"), attention_backend="xla")
+
+
+@st.composite
+def linear_models(draw, *, max_layers: int = 2, attn_only: bool | None = True):
+    """A ``planted.linear_model`` (logits a known linear function of chosen input coordinates)
+    with drawn sizes, placement and distractors."""
+    from tinyinterp import planted
+
+    n_features = draw(st.integers(2, 6), label="n_features")
+    only = draw(st.booleans(), label="attn_only") if attn_only is None else attn_only
+    return planted.linear_model(
+        n_features=n_features, n_chosen=draw(st.integers(1, n_features), label="n_chosen"),
+        n_layers=draw(st.integers(1, max_layers), label="n_layers"),
+        n_heads=draw(st.integers(1, 2), label="n_heads"), attn_only=only,
+        distractor_scale=draw(st.floats(0.0, 0.5), label="distractor_scale"),
+        seed=draw(st.integers(0, 2**31 - 1), label="seed"), attention_backend="xla")
+
+
+@st.composite
+def superposition_models(draw):
+    """A ``planted.superposition_model`` with drawn feature count, neurons, sparsity and layer."""
+    from tinyinterp import planted
+
+    n_features = draw(st.integers(3, 8), label="n_features")
+    return planted.superposition_model(
+        n_features=n_features, d_mlp=draw(st.integers(2, n_features - 1), label="d_mlp"),
+        feature_probability=draw(st.floats(0.1, 0.9), label="feature_probability"),
+        n_layers=draw(st.integers(1, 2), label="n_layers"),
+        distractor_scale=draw(st.floats(0.0, 0.5), label="distractor_scale"),
+        seed=draw(st.integers(0, 2**31 - 1), label="seed"), attention_backend="xla")
