@@ -365,7 +365,6 @@ def test_hook_returning_wrong_shape_or_dtype_names_the_hook(bad_hook, match):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(d_model=64, n_heads=3, d_head=16), "n_heads \\* d_head must equal d_model"),
     (dict(d_model=60, d_head=16), "cannot derive n_heads"),
     (dict(act_fn="gleu"), "Did you mean 'gelu'"),
     (dict(normalization_type="LayerNorm"), "normalization_type"),

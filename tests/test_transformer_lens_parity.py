@@ -77,12 +77,13 @@ def test_every_hook_point_matches_transformer_lens(model, seed):
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=str)
-@pytest.mark.parametrize("norm,attn_only", [("LN", False), ("RMS", True)])
-def test_every_plan_setting_matches_transformer_lens(plan, norm, attn_only):
+@pytest.mark.parametrize("norm,attn_only,n_heads", [("LN", False, 2), ("RMS", True, 4)])
+def test_every_plan_setting_matches_transformer_lens(plan, norm, attn_only, n_heads):
     """Each setting of tinyinterp.fast.PLANS (reached through the hooks and cache of
     tests/plan_scenarios.py on layer 1; layer 0 runs the plain forward's plan) at shapes the
-    kernels take (d_model and head_index * d_head whole 16-float vectors, batch >= 2), against
-    TransformerLens: every cached value and the logits."""
+    kernels take (d_model and head_index * d_head whole 16-float vectors, batch >= 2; with
+    head_index * d_head equal to d_model and twice it), against TransformerLens: every cached
+    value and the logits."""
     import jax
 
     import tinyinterp
@@ -92,8 +93,8 @@ def test_every_plan_setting_matches_transformer_lens(plan, norm, attn_only):
 
     if plan.route != "plain" and tinyinterp.fast.numba_unavailable_reason() is not None:
         pytest.skip(f"numba backend unavailable: {tinyinterp.fast.numba_unavailable_reason()}")
-    cfg = tinyinterp.TransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_vocab=50,
-                                       n_ctx=12, d_mlp=64, attn_only=attn_only,
+    cfg = tinyinterp.TransformerConfig(n_layers=2, d_model=32, n_heads=n_heads, d_head=16,
+                                       d_vocab=50, n_ctx=12, d_mlp=64, attn_only=attn_only,
                                        normalization_type=norm)
     model = tinyinterp.HookedTransformer.from_config(cfg, seed=3)
     leaves, tree = jax.tree.flatten(model.params)  # biases and norm weights away from 0 / 1

@@ -36,7 +36,9 @@ class TransformerConfig:
     """Shape and behaviour of a decoder-only transformer (TransformerLens names).
 
     Leave ``n_heads`` at -1 to derive it as ``d_model // d_head`` and ``d_mlp`` at -1 for
-    ``4 * d_model`` (TL's defaults); ``d_vocab_out`` -1 means ``d_vocab``.
+    ``4 * d_model`` (TL's defaults); ``d_vocab_out`` -1 means ``d_vocab``. ``n_heads * d_head``
+    is usually ``d_model`` but need not be (TransformerLens allows it, and tracr's compiled models
+    need it): W_Q/W_K/W_V map d_model to each head's d_head, W_O maps them back.
     """
 
     n_layers: int = 2
@@ -109,12 +111,6 @@ class TransformerConfig:
                         f"positive multiple of d_head={self.d_head}; set n_heads explicitly "
                         "(n_heads * d_head is usually d_model)")
                 raise ValueError(f"TransformerConfig.{name} must be positive, got {value}")
-        if self.n_heads * self.d_head != self.d_model:
-            raise ValueError(
-                f"TransformerConfig: n_heads * d_head must equal d_model, got n_heads={self.n_heads}"
-                f" * d_head={self.d_head} = {self.n_heads * self.d_head} != d_model={self.d_model}."
-                f" Use d_head = d_model // n_heads = {self.d_model / self.n_heads:g}"
-                " or change n_heads.")
         if self.act_fn not in ACT_FNS:
             raise ValueError(f"TransformerConfig.act_fn={self.act_fn!r} is not supported; "
                              + _suggest(self.act_fn, ACT_FNS))
