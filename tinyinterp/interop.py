@@ -6,12 +6,18 @@ TransformerLens for the same config, so weights move both ways::
     sd = to_transformer_lens_state_dict(model)              # here -> TL
     tl_model.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, strict=False)
     model = from_transformer_lens_state_dict(cfg, {k: v.numpy() for k, v in tl_sd.items()})
+
+and tracr-compiled models come in with their computation graph as ground truth (``from_tracr``;
+needs the optional ``tracr`` extra: ``pip install "tinyinterp[tracr]"``).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tinyinterp.config import TransformerConfig
@@ -45,3 +51,234 @@ def from_transformer_lens_state_dict(cfg: TransformerConfig, state_dict: dict) -
     params = unflatten_params(flat, cfg)
     check_params(params, cfg)
     return HookedTransformer(cfg, params)
+
+
+# ============================================================================ tracr
+@dataclass(frozen=True)
+class TracrComponent:
+    """One component of a tracr-compiled model: ``name`` ("L0H1" a head, "L0MLP" an MLP layer,
+    or "L0MLP[op]" the neurons of that layer computing one operation), the RASP operation it
+    computes (``op``: the label of the SOp it writes, e.g. "aggregate_1"), the SOps it reads
+    (``reads``: {"q"|"k"|"v"|"in": (labels)}), and for MLPs its ``neurons``."""
+
+    name: str
+    layer: int
+    kind: str  # "head" | "mlp"
+    op: str
+    reads: dict
+    head: int | None = None
+    neurons: tuple[int, ...] = ()
+    op_type: str | None = None  # "Map", "Aggregate", ... when the program was given
+
+
+@dataclass(frozen=True)
+class TracrGraph:
+    """The compiled program's computation graph as the converted model's ground truth:
+    ``components`` (which layer, head or neurons compute which RASP operation), ``edges``
+    (writer, reader, via) with writers "embed" (tokens, indices, one) or a component name and
+    readers a component name or "logits", and the ``output`` operation's label."""
+
+    components: tuple[TracrComponent, ...]
+    edges: tuple[tuple[str, str, str], ...]
+    output: str
+    n_layers: int
+    n_heads: int
+    d_mlp: int
+
+    def head_mask(self) -> np.ndarray:
+        """bool [n_layers, n_heads]: True at the heads that compute an operation."""
+        mask = np.zeros((self.n_layers, self.n_heads), bool)
+        for c in self.components:
+            if c.kind == "head":
+                mask[c.layer, c.head] = True
+        return mask
+
+    def neuron_mask(self) -> np.ndarray:
+        """bool [n_layers, d_mlp]: True at the neurons that compute an operation."""
+        mask = np.zeros((self.n_layers, self.d_mlp), bool)
+        for c in self.components:
+            if c.kind == "mlp":
+                mask[c.layer, list(c.neurons)] = True
+        return mask
+
+    def component(self, op: str) -> TracrComponent:
+        """The component computing RASP operation ``op`` (its label)."""
+        for c in self.components:
+            if c.op == op:
+                return c
+        raise KeyError(f"no component computes {op!r}; operations: "
+                       f"{[c.op for c in self.components]}")
+
+
+@dataclass(frozen=True, eq=False)
+class TracrModel:
+    """``from_tracr``'s result: the HookedTransformer, its ground truth (``ground_truth``, a
+    TracrGraph), the residual stream's labels, and tracr's input/output encodings."""
+
+    model: HookedTransformer
+    ground_truth: TracrGraph
+    residual_labels: tuple[str, ...]
+    input_encoding: dict
+    output_decoding: dict | None  # id -> value for categorical outputs; None for numerical
+
+    def encode(self, inputs) -> np.ndarray:
+        """Token values (e.g. [["BOS", 1, 2, 3]]) -> ids [batch, pos] (int32)."""
+        try:
+            return np.asarray([[self.input_encoding[t] for t in row] for row in inputs], np.int32)
+        except KeyError as e:
+            raise ValueError(f"token {e.args[0]!r} is not in the compiled vocabulary "
+                             f"{sorted(map(str, self.input_encoding))}") from None
+
+    def decode(self, logits) -> list:
+        """Logits [batch, pos, d_vocab_out] -> output values per position (argmax decoded for a
+        categorical program, the single output for a numerical one)."""
+        x = np.asarray(logits)
+        if self.output_decoding is None:
+            return x[..., 0].tolist()
+        return [[self.output_decoding[int(i)] for i in row] for row in np.argmax(x, -1)]
+
+
+def _sop(label: str) -> str:
+    return label.split(":", 1)[0]
+
+
+def from_tracr(assembled, program=None, *, attention_backend: str = "auto") -> TracrModel:
+    """A HookedTransformer (TransformerLens names) computing what a tracr-compiled model computes,
+    with the program's computation graph as its ground truth.
+
+    ``assembled``: tracr's ``AssembledTransformerModel`` (``compiling.compile_rasp_to_model(...,
+    causal=True)``; a non-causal model cannot be one: the HookedTransformer is causal).
+    ``program`` (optional): the RASP program, to name each operation's type (Map, Aggregate, ...).
+    The conversion is weight for weight: tracr's one-hot embeddings, its heads padded to a common
+    key size (n_heads * d_head need not be d_model), ReLU MLPs, no norm, and its unembedding (the
+    projection onto the output operation's subspace; for a numerical program one output).
+    The graph is read from the weights: each head's and neuron's nonzero rows and columns name
+    the residual subspaces (RASP operations) it reads and writes."""
+    cfg_t = assembled.model_config
+    if getattr(cfg_t, "layer_norm", False):
+        raise ValueError("from_tracr converts models without layer norm (tracr's default)")
+    if not getattr(cfg_t, "causal", False):
+        raise ValueError("from_tracr needs a causal model: compile with "
+                         "compile_rasp_to_model(..., causal=True)")
+    P = {k: {kk: np.asarray(v, np.float64) for kk, v in d.items()} for k, d in assembled.params.items()}
+    labels = tuple(assembled.residual_labels)
+    W_E = P["token_embed"]["embeddings"]  # [d_vocab, d_model]
+    W_pos = P["pos_embed"]["embeddings"]  # [n_ctx, d_model]
+    d_model = W_E.shape[1]
+    L, H, K = cfg_t.num_layers, cfg_t.num_heads, cfg_t.key_size
+    d_mlp = cfg_t.mlp_hidden_size
+    cfg = TransformerConfig(n_layers=L, d_model=d_model, n_heads=H, d_head=K, d_mlp=d_mlp,
+                            d_vocab=W_E.shape[0], n_ctx=W_pos.shape[0], act_fn="relu",
+                            normalization_type=None, attn_only=False,
+                            attention_backend=attention_backend, model_name="tracr")
+    blocks = []
+    for layer in range(L):
+        pre = f"transformer/layer_{layer}"
+
+        def heads_in(name, pre=pre):  # w [d_model, H*K] -> [H, d_model, K]; b [H*K] -> [H, K]
+            w, b = P[f"{pre}/attn/{name}"]["w"], P[f"{pre}/attn/{name}"]["b"]
+            return w.reshape(d_model, H, K).transpose(1, 0, 2), b.reshape(H, K)
+
+        (W_Q, b_Q), (W_K, b_K), (W_V, b_V) = (heads_in(n) for n in ("query", "key", "value"))
+        lin = P[f"{pre}/attn/linear"]
+        blocks.append({
+            "attn": {"W_Q": W_Q, "W_K": W_K, "W_V": W_V, "b_Q": b_Q, "b_K": b_K, "b_V": b_V,
+                     "W_O": lin["w"].reshape(H, K, d_model), "b_O": lin["b"]},
+            "mlp": {"W_in": P[f"{pre}/mlp/linear_1"]["w"], "b_in": P[f"{pre}/mlp/linear_1"]["b"],
+                    "W_out": P[f"{pre}/mlp/linear_2"]["w"], "b_out": P[f"{pre}/mlp/linear_2"]["b"]},
+        })
+    graph = _tracr_graph(blocks, labels, L, H, d_mlp, program)
+    out_idx = [i for i, lab in enumerate(labels) if _sop(lab) == graph.output]
+    enc_out = getattr(assembled.output_encoder, "encoding_map", None)
+    dec = None if enc_out is None else {i: v for v, i in enc_out.items()}
+    if dec is not None:  # categorical: output id j is the direction "output:value_j"
+        W_U = np.zeros((d_model, len(dec)))
+        for j, value in dec.items():
+            W_U[labels.index(f"{graph.output}:{value}"), j] = 1.0
+        decoding = dict(dec)
+    else:  # numerical: one output, the operation's one direction
+        if len(out_idx) != 1:
+            raise ValueError(f"a numerical output should be one residual direction, found "
+                             f"{[labels[i] for i in out_idx]}")
+        W_U = np.zeros((d_model, 1))
+        W_U[out_idx[0], 0] = 1.0
+        decoding = None
+    cfg = cfg.replace(d_vocab_out=W_U.shape[1])
+    params = {"embed": {"W_E": W_E}, "pos_embed": {"W_pos": W_pos}, "blocks": blocks,
+              "unembed": {"W_U": W_U, "b_U": np.zeros(W_U.shape[1])}}
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    check_params(params, cfg)
+    enc = dict(getattr(assembled.input_encoder, "encoding_map", None) or
+               {i: i for i in range(W_E.shape[0])})
+    return TracrModel(HookedTransformer(cfg, params), graph, labels, enc, decoding)
+
+
+def _tracr_graph(blocks, labels, L, H, d_mlp, program) -> TracrGraph:
+    """Components, edges and output read from the converted weights (see from_tracr)."""
+    types = {}
+    if program is not None:  # label -> the RASP expression's type, over the whole program
+        stack, seen = [program], set()
+        while stack:
+            e = stack.pop()
+            if id(e) in seen:
+                continue
+            seen.add(id(e))
+            types[e.label] = type(e).__name__
+            stack.extend(getattr(e, "children", ()))
+    inputs = {"tokens", "indices", "one"}
+
+    def sops(rows) -> tuple[str, ...]:
+        return tuple(sorted({_sop(labels[i]) for i in np.flatnonzero(rows)}))
+
+    comps = []
+    for layer, blk in enumerate(blocks):
+        at = blk["attn"]
+        for h in range(H):
+            writes = sops(np.abs(at["W_O"][h]).sum(0) > 0)
+            if not writes:
+                continue
+            if len(writes) != 1:
+                raise ValueError(f"L{layer}H{h} writes several operations {writes}")
+            reads = {c: sops(np.abs(at[f"W_{c.upper()}"][h]).sum(1) > 0) for c in "qkv"}
+            op = writes[0]
+            op_type = types.get(op) or ("SelectorWidth (attention part)"
+                                        if op.endswith("_selector_width_attn_output") else None)
+            comps.append(TracrComponent(f"L{layer}H{h}", layer, "head", op, reads, head=h,
+                                        op_type=op_type))
+        W_in, W_out = blk["mlp"]["W_in"], blk["mlp"]["W_out"]
+        by_op: dict[str, list[int]] = {}
+        layer_reads = set(sops(np.abs(W_in).sum(1) > 0))
+        for n in range(d_mlp):
+            # an MLP may also write (to clean up) a subspace it reads: tracr's SelectorWidth MLP
+            # erases its attention part's hidden output; what it computes is what it writes
+            # without reading
+            w = sops(np.abs(W_out[n]) > 0)
+            w = tuple(x for x in w if x not in layer_reads) or w
+            if len(w) > 1:
+                raise ValueError(f"neuron {n} of layer {layer} writes several operations {w}")
+            if w:
+                by_op.setdefault(w[0], []).append(n)
+        several = len(by_op) > 1
+        for op, neurons in by_op.items():
+            reads = {"in": sops(np.abs(W_in[:, neurons]).sum(1) > 0)}
+            name = f"L{layer}MLP[{op}]" if several else f"L{layer}MLP"
+            comps.append(TracrComponent(name, layer, "mlp", op, reads, neurons=tuple(neurons),
+                                        op_type=types.get(op)))
+    if not comps:
+        raise ValueError("the tracr model computes nothing (no head or neuron writes)")
+    writer = {c.op: c.name for c in comps}
+    edges = []
+    for c in comps:
+        for via, read in c.reads.items():
+            for s in read:
+                src = "embed" if s in inputs else writer.get(s)
+                if src is None:
+                    raise ValueError(f"{c.name} reads {s!r}, which nothing writes")
+                edges.append((src, c.name, via))
+    read_somewhere = {s for c in comps for r in c.reads.values() for s in r}
+    sinks = [c for c in comps if c.op not in read_somewhere]
+    if len(sinks) != 1:
+        raise ValueError(f"expected one output operation (written, never read), found "
+                         f"{[c.op for c in sinks]}")
+    edges.append((sinks[0].name, "logits", "logits"))
+    return TracrGraph(tuple(comps), tuple(dict.fromkeys(edges)), sinks[0].op, L, H, d_mlp)
