@@ -263,6 +263,8 @@ class CheckResult:
 
 
 def _name(method) -> str:
+    if isinstance(method, str):
+        return method
     return getattr(method, "__name__", None) or type(method).__name__
 
 
