@@ -6,6 +6,7 @@
     tinyinterp reproduce grokking [--out DIR] [--seed S] [--paper]
     tinyinterp train --task repeated_tokens --out DIR [--resume | --overwrite]
     tinyinterp inspect PATH
+    tinyinterp view PATH [--out FILE]                             an HTML view, its path printed
 """
 
 from __future__ import annotations
@@ -346,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("path", help="a model folder (model.save) or a training run's --out folder")
     ins.add_argument("--no-scores", dest="scores", action="store_false",
                      help="skip the head scores")
+    from tinyinterp.views import cli as view_cli
+
+    view_cli.add_arguments(sub.add_parser("view", help=view_cli.HELP,
+                                          description=view_cli.DESCRIPTION))
     return parser
 
 
@@ -378,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_train(args)
         if args.command == "inspect":
             return _run_inspect(args)
+        if args.command == "view":
+            from tinyinterp.views.cli import run as run_view
+
+            return run_view(args)
     except KeyboardInterrupt:
         print(f"{name}: interrupted (checkpoints already written are complete)", file=sys.stderr)
         return 130

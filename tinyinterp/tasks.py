@@ -128,6 +128,16 @@ class Task:
         """JSON-safe description; ``get_task(**d)`` rebuilds the same task."""
         return {"name": self.name, **self.opts}
 
+    @property
+    def token_labels(self) -> tuple[str, ...]:
+        """A readable name for every token id, [d_vocab] strings (see ``task_token_labels``);
+        the views and figures show these instead of bare ids."""
+        return task_token_labels(self)
+
+    def label_tokens(self, tokens: Int[Array, "*shape"]) -> list:
+        """``tokens`` (any shape) as nested lists of their names (``token_labels``)."""
+        return label_tokens(tokens, self.token_labels)
+
 
 # ----------------------------------------------------------------------------- loss helpers
 def per_token_loss(logits: Float[Array, "batch pos vocab"],
@@ -463,6 +473,51 @@ def task_from_dict(d: dict[str, Any]) -> Task:
     """Inverse of ``Task.to_dict``."""
     d = dict(d)
     return get_task(d.pop("name"), **d)
+
+
+# ----------------------------------------------------------------------------- token labels
+def _symbol_name(i: int, n: int) -> str:
+    """Symbols of copy/reverse/sort: letters a, b, ... while they last, else their ids."""
+    return "abcdefghijklmnopqrstuvwxyz"[i] if n <= 26 else str(i)
+
+
+def task_token_labels(task: Task) -> tuple[str, ...]:
+    """Readable names for the ``task.d_vocab`` token ids.
+
+    ``copy`` / ``reverse`` / ``sort``: the symbols are letters ``a, b, c, ...`` (their ids when
+    there are more than 26) and the separator is ``SEP``. ``modular_addition``: the numbers
+    ``0 .. p-1`` and ``=``. ``repeated_tokens``: the ids as digits, except token 0 where it is
+    only ever a marker: ``BOS`` (with ``bos``) or ``PAD`` (the padding filler); where the task
+    also draws 0 as an ordinary token (no BOS with a fixed period, or ``sampling`` other than
+    "distinct") it stays ``0``, since the name must hold for every occurrence."""
+    o = task.opts
+    if task.name in ("copy", "reverse", "sort"):
+        n = o["n_symbols"]
+        return tuple(_symbol_name(i, n) for i in range(n)) + ("SEP",)
+    if task.name == "modular_addition":
+        return tuple(str(i) for i in range(o["p"])) + ("=",)
+    labels = [str(i) for i in range(task.d_vocab)]
+    if task.name == "repeated_tokens":
+        varying = o["min_length"] not in (0, o["length"])
+        zero_is_content = (o["sampling"] != "distinct") if varying else not o["bos"]
+        if not zero_is_content:
+            if o["bos"]:
+                labels[PAD] = "BOS"
+            elif varying and o["filler"] == "pad":
+                labels[PAD] = "PAD"
+    return tuple(labels)
+
+
+def label_tokens(tokens: Int[Array, "*shape"], labels) -> list:
+    """``tokens`` (an int array of any shape) as nested lists of names: ``labels[id]``, for a
+    sequence of names indexed by id (``task.token_labels``). An id outside the table is an error
+    naming it."""
+    t = np.asarray(tokens)
+    if t.size and (t.min() < 0 or t.max() >= len(labels)):
+        bad = int(t.max()) if t.max() >= len(labels) else int(t.min())
+        raise ValueError(f"token id {bad} has no label: the table names ids 0..{len(labels) - 1}")
+    names = np.asarray([str(x) for x in labels] or [""], dtype=object)
+    return names[t].tolist() if t.ndim else names[int(t)]
 
 
 # ----------------------------------------------------------------------------- fixed-split tasks
