@@ -29,7 +29,9 @@ Layouts (float32, C-contiguous; ``rows`` = batch, ``n`` = head_index * d_head):
                                                    (tinyinterp.fast.sublayer._packed_weights)
     W_O                         [head_index, d_head, d_model]
     b_O                         [d_model]
-    consts                      [3]                attention scale, norm eps, norm code (NORMS)
+    consts                      [4]                attention scale, norm eps, centre (1: subtract
+                                                   the row mean first, as LayerNorm), divide (1:
+                                                   divide by sqrt(mean(x^2) + eps); 0: no norm)
 
 The values are those of the reference path (``tinyinterp.model.attention_sublayer``) up to float32
 rounding: sums run in a different order (vector partial sums; the bias starts the matmul's
@@ -64,7 +66,6 @@ from .simd import (
 )
 from .work import FfiKernel, claim
 
-NORMS = (None, "LN", "LNPre", "RMS", "RMSPre")  # norm code = index
 _ROWS = 8  # rows of a matmul register tile
 _L = LANES
 
@@ -169,14 +170,14 @@ def _row_sum(x, o, n):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _normalize_row(x, o, n, norm, eps, dst, do):
+def _normalize_row(x, o, n, centre, divide, eps, dst, do):
     """dst[do:do + n] = the normalized row x[o:o + n] (before the norm's weight and bias, which
-    are folded into W), as tinyinterp.model.normalize: x - mean (LN*), then
-    x / sqrt(mean(x^2) + eps)."""
-    if norm == 0:
+    are folded into W), as tinyinterp.model.normalize: x - mean (if ``centre``), then
+    x / sqrt(mean(x^2) + eps) (if ``divide``; without it the row is copied unchanged)."""
+    if not divide:
         _copy(x, o, dst, do, n)
         return
-    if norm == 1 or norm == 2:  # LN, LNPre: centre first
+    if centre:
         mean = vsplat(_row_sum(x, o, n) / np.float32(n))
         for c in range(0, n, _L):
             vstore(dst, do + c, vsub(vload(x, o + c), mean))
@@ -201,7 +202,7 @@ def attention_block_fwd(resid, W, bias, W_O, b_O, consts, out, counter, first):
     n_batch, n_pos, d_model = resid.shape
     n_heads, d_head = W_O.shape[0], W_O.shape[1]
     n = n_heads * d_head
-    scale, eps, norm = consts[0], consts[1], int(consts[2])
+    scale, eps, centre, divide = consts[0], consts[1], consts[2] != 0, consts[3] != 0
     rows = (n_pos + _ROWS - 1) // _ROWS * _ROWS  # padded to whole tiles (zeros)
     xn = np.zeros(rows * d_model, np.float32)  # normalized rows
     qkv = np.zeros((1, rows, 3 * n_heads, d_head), np.float32)  # q, k, v of the row, packed
@@ -221,7 +222,7 @@ def attention_block_fwd(resid, W, bias, W_O, b_O, consts, out, counter, first):
     while item < n_batch:
         x = resid[item].reshape(row_d)
         for t in range(n_pos):
-            _normalize_row(x, t * d_model, d_model, norm, eps, xn, t * d_model)
+            _normalize_row(x, t * d_model, d_model, centre, divide, eps, xn, t * d_model)
         _matmul(xn, 0, d_model, rows, d_model, W, 0, 3 * n, 3 * n, bias, 0, qkv_flat, 0, 3 * n,
                 tile)
         local[0] = 1

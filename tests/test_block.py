@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyinterp import TransformerConfig
+from tinyinterp.config import NORMALIZATION_TYPES
 from tinyinterp.fast import attention
 from tinyinterp.fast.plan import MIN_FUSED_BATCH
 from tinyinterp.model import HookedTransformer, forward, forward_with_cache
@@ -27,7 +28,7 @@ from tinyinterp.model import HookedTransformer, forward, forward_with_cache
 NUMBA_PROBLEM = attention.numba_unavailable_reason()
 needs_numba = pytest.mark.skipif(NUMBA_PROBLEM is not None,
                                  reason=f"numba backend unavailable: {NUMBA_PROBLEM}")
-NORMS = (None, "LN", "LNPre", "RMS", "RMSPre")
+NORMS = NORMALIZATION_TYPES
 TARGET = "tinyinterp_attention_block_fwd"
 OUT_TARGET = "tinyinterp_attention_out_fwd"
 
@@ -93,7 +94,6 @@ def _kernel_inputs(shape, n_heads, d_head, seed, kind="unit"):
 def test_kernel_matches_float64_reference(case):
     """Every norm type; positions that are not whole 8-row tiles; q/k/v widths that use the
     48-column tiles, the 16-column tiles or both; small, unit and (exact) large logits."""
-    from tinyinterp.kernels.block import NORMS as KERNEL_NORMS
     from tinyinterp.kernels.block import attention_block_fwd
 
     shape, n_heads, d_head, norm, seed, kind = case
@@ -102,7 +102,8 @@ def test_kernel_matches_float64_reference(case):
     if kind == "exact large logits":
         norm, scale = None, np.float32(0.25)  # a power of two: the scaled logits stay exact
     out = np.full(shape, np.nan, np.float32)
-    consts = np.array([scale, eps, KERNEL_NORMS.index(norm)], np.float32)
+    centre, divide = norm in ("LN", "LNPre"), norm is not None
+    consts = np.array([scale, eps, centre, divide], np.float32)
     done = attention_block_fwd(resid, W.reshape(-1), bias, W_O, b_O, consts, out,
                                np.ones(1, np.int64), 0)
     assert done == shape[0]  # one work item per batch row, all done by this call
@@ -123,7 +124,7 @@ def test_kernel_under_xla_is_bitwise_the_direct_call():
                                         eps=1e-5, norm="LN")
     out = np.empty(shape, np.float32)
     attention_block_fwd(resid, W.reshape(-1), bias, W_O, b_O,
-                        np.array([0.25, 1e-5, 1], np.float32), out, np.ones(1, np.int64), 0)
+                        np.array([0.25, 1e-5, 1, 1], np.float32), out, np.ones(1, np.int64), 0)
     np.testing.assert_array_equal(np.asarray(got), out)
 
 

@@ -48,10 +48,13 @@ def test_kernel_modules_import_each_other_relatively_and_publicly(module):
 
 
 def test_the_package_init_imports_nothing():
-    """kernels/__init__.py holds no __path__ trick and imports no module eagerly."""
+    """kernels/__init__.py holds no __path__ trick and imports no kernel module (nor numba or
+    numpy) eagerly: only the standard library it needs to check Numba's cache."""
     tree = ast.parse((KERNELS / "__init__.py").read_text())
-    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)
-                and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                and n.module != "__future__"]
+    assert imported <= {"hashlib", "os"}, imported
     assert "__path__" not in (KERNELS / "__init__.py").read_text()
 
 
@@ -76,3 +79,30 @@ assert "jax" not in sys.modules
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr
+
+
+def test_numba_caches_of_changed_kernel_sources_are_dropped(tmp_path):
+    """Numba's cache checks only the defining file; a change to any kernel source must drop the
+    package's cached kernels (an ffi.py entry links block.py's kernel), and nothing else."""
+    import shutil
+
+    pkg = tmp_path / "kernels"
+    shutil.copytree(KERNELS, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    cache = pkg / "__pycache__"
+    cache.mkdir()
+    ours = [cache / "ffi.sublayer_fwd_entry-688.py311.nbi",
+            cache / "ffi.sublayer_fwd_entry-688.py311.1.nbc"]
+    others = [cache / "notes.txt", cache / "elsewhere.f-1.py311.nbi"]
+
+    def import_fresh():
+        for path in ours + others:
+            path.write_bytes(b"x")
+        r = subprocess.run([sys.executable, "-c", "import kernels"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return [p.exists() for p in ours], [p.exists() for p in others]
+
+    assert import_fresh() == ([False, False], [True, True])  # no record yet: dropped
+    assert import_fresh() == ([True, True], [True, True])  # sources unchanged: kept
+    (pkg / "block.py").write_text((pkg / "block.py").read_text() + "\n# edited\n")
+    assert import_fresh() == ([False, False], [True, True])  # a kernel changed: dropped

@@ -470,10 +470,9 @@ def attention_block_fwd(resid: jax.Array, W: jax.Array, bias: jax.Array, W_O: ja
     normalized residual (the norm's weight and bias folded in) to q, k, v, packed head-major;
     W_O [head, d_head, d_model], b_O [d_model]; ``norm`` a normalization_type. No autodiff rule
     of its own: tinyinterp.fast.sublayer pairs it with the plain sublayer."""
-    from tinyinterp.kernels.block import NORMS
-
     f32 = jnp.float32
-    consts = jnp.asarray([scale, eps, NORMS.index(norm)], f32)
+    centre, divide = norm in ("LN", "LNPre"), norm is not None  # as tinyinterp.model.normalize
+    consts = jnp.asarray([scale, eps, centre, divide], f32)
     return ffi.call(ffi.SUBLAYER_FWD, jax.ShapeDtypeStruct(resid.shape, f32),
                     vmap_method="sequential")(  # the weights may be vmapped too: one call each
         resid.astype(f32), W.astype(f32), bias.astype(f32), W_O.astype(f32), b_O.astype(f32),
