@@ -78,7 +78,7 @@ def sign_flipped_gradient_x_input(model, tokens, metric):
 
 # ----------------------------------------------------------------------------- the methods
 def _ig(model, tokens, metric):
-    return A.integrated_gradients(model, tokens, metric, steps=16)
+    return A.integrated_gradients(model, tokens, metric, steps=8)
 
 
 def _occlusion(model, tokens, metric):
@@ -154,16 +154,17 @@ def _check_all(method, lm, tokens, metric, metric_b) -> dict[str, bool | None]:
 
 
 def _circuits(n_models: int, seed: int, with_tracr: bool):
-    """[(name, model, tokens, metric, planted head mask)] for recovery and deletion AOPC."""
+    """[(name, model, tokens, metric, planted head mask or None)] for recovery and deletion AOPC.
+    The planted circuits share one config (so compiled programs are reused): 2 layers x 3 heads,
+    two planted output subspaces each."""
     from tinyinterp import planted
 
     rng = np.random.default_rng(seed + 1)
     out = []
-    kinds = (["induction"], ["copying"], ["duplicate_token", "copying"])
+    kinds = (["induction"], ["copying", "duplicate_token"], ["previous_token", "copying"])
     for i in range(n_models):
-        pm = planted.planted_model(kinds[i % len(kinds)], d_vocab=6, n_ctx=10,
-                                   n_layers=int(rng.integers(2, 4)), n_heads=int(rng.integers(2, 4)),
-                                   distractor_scale=float(rng.uniform(0.1, 0.5)),
+        pm = planted.planted_model(kinds[i % len(kinds)], d_vocab=6, n_ctx=10, n_layers=2,
+                                   n_heads=3, distractor_scale=float(rng.uniform(0.1, 0.5)),
                                    seed=int(rng.integers(2**31)), attention_backend="xla")
         period = rng.permutation(6)[:5]
         toks = jnp.asarray(np.stack([np.concatenate([np.roll(period, j), np.roll(period, j)])
@@ -177,22 +178,22 @@ def _circuits(n_models: int, seed: int, with_tracr: bool):
 
 
 def _tracr_circuits():
+    """A compiled sort (SelectorWidth + Aggregate; every head computes: deletion AOPC only)."""
     from tinyinterp import interop
 
     try:
-        from tracr.compiler import compiling
+        from tracr.compiler import compiling, lib
         from tracr.rasp import rasp
     except ImportError:
         return []
-    prog = rasp.categorical(rasp.Aggregate(
-        rasp.Select(rasp.indices, rasp.indices, lambda k, q: q == k + 1), rasp.tokens))
-    assembled = compiling.compile_rasp_to_model(prog, vocab={1, 2, 3}, max_seq_len=6,
-                                                compiler_bos="BOS", causal=True)
-    conv = interop.from_tracr(assembled)
-    toks = jnp.asarray(conv.encode([["BOS", 1, 2, 3, 1, 2, 3], ["BOS", 3, 3, 1, 2, 1, 1]]))
+    prog = lib.make_sort_unique(rasp.tokens, rasp.tokens)
+    with jax.numpy_dtype_promotion("standard"):  # tracr's own code mixes int and float
+        assembled = compiling.compile_rasp_to_model(prog, vocab={1, 2, 3, 4}, max_seq_len=5,
+                                                    compiler_bos="BOS", causal=True)
+    conv = interop.from_tracr(assembled, prog, attention_backend="xla")
+    toks = jnp.asarray(conv.encode([["BOS", 3, 1, 4, 2], ["BOS", 2, 4, 3, 1]]))
     target = jnp.asarray(np.argmax(np.asarray(conv.model(toks))[:, -1], -1), jnp.int32)
-    return [("tracr shift-by-one", conv.model, toks, A.logit(target),
-             conv.ground_truth.head_mask())]
+    return [("tracr sort_unique", conv.model, toks, A.logit(target), None)]
 
 
 def evaluate_methods(n_models: int = 3, seed: int = 0, with_tracr: bool = True) -> dict:
@@ -205,15 +206,16 @@ def evaluate_methods(n_models: int = 3, seed: int = 0, with_tracr: bool = True) 
     methods = {**METHODS, **BROKEN}
     props = {m: {p: [] for p in PROPERTIES} for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
+    # one config for every linear model (compiled programs are reused); weights, the chosen
+    # features, the averaging head's index (in layer 0, where the broken method flips the
+    # gradient) and the distractors are drawn
+    metric, metric_b = A.logit(0), A.logit(1)
     for _ in range(n_models):
-        lm = planted.linear_model(n_layers=int(rng.integers(1, 3)), n_heads=2,
-                                  placement=(0, int(rng.integers(2))),
-                                  n_features=int(rng.integers(3, 6)), n_chosen=2,
+        lm = planted.linear_model(n_layers=2, n_heads=2, placement=(0, int(rng.integers(2))),
+                                  n_features=5, n_chosen=int(rng.integers(1, 5)),
                                   distractor_scale=float(rng.uniform(0.1, 0.5)),
                                   seed=int(rng.integers(2**31)), attention_backend="xla")
         toks = jnp.asarray(rng.integers(0, lm.cfg.d_vocab, (3, lm.cfg.n_ctx)), jnp.int32)
-        c = int(rng.integers(lm.cfg.d_vocab_out))
-        metric, metric_b = A.logit(c), A.logit((c + 1) % lm.cfg.d_vocab_out)
         for name, method in methods.items():
             for p, ok in _check_all(method, lm, toks, metric, metric_b).items():
                 props[name][p].append(ok)
@@ -221,7 +223,7 @@ def evaluate_methods(n_models: int = 3, seed: int = 0, with_tracr: bool = True) 
     recovery: dict[str, list[float]] = {m: [] for m in (*COMPONENT_METHODS, *BROKEN)}
     aopc: dict[str, list[float]] = {m: [] for m in methods}
     for _, model, toks, metric, mask in circuits:
-        for name in recovery:
+        for name in recovery if mask is not None else ():
             recovery[name].append(T.recovery_scores(head_scores(name, model, toks, metric),
                                                     mask)[1])
         for name, method in methods.items():

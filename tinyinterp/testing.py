@@ -431,17 +431,45 @@ def check_dummy(method, model, tokens, metric, dummy, *, atol: float = 1e-6,
                    raise_on_failure)
 
 
+def _metric_key(m):
+    """A hashable key for a metric: a built-in Metric by value (so equal metrics hit the same
+    compiled program), anything else by identity."""
+    fields = getattr(m, "__dataclass_fields__", None)
+    if fields is None or not {"kind", "pos", "correct", "wrong"} <= set(fields):
+        return ("id", id(m))
+    ids = tuple(None if getattr(m, f) is None else tuple(np.asarray(getattr(m, f)).ravel().tolist())
+                for f in ("correct", "wrong"))
+    return (m.kind, m.pos, ids)
+
+
+class _Combined:
+    """c_a f_a + c_b f_b as a metric, hashable by value (methods that compile per metric reuse
+    the compiled program for an equal combination)."""
+
+    def __init__(self, ca, cb, fa, fb):
+        self.ca, self.cb, self.fa, self.fb = ca, cb, fa, fb
+        self.__name__ = "combined_metric"
+
+    def __call__(self, logits, tokens):
+        return self.ca * self.fa(logits, tokens) + self.cb * self.fb(logits, tokens)
+
+    def _key(self):
+        return (self.ca, self.cb, _metric_key(self.fa), _metric_key(self.fb))
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, _Combined) and self._key() == other._key()
+
+
 def check_linearity(method, model, tokens, metric_a, metric_b, *, coefficients=(1.0, -0.5),
                     rtol: float = 1e-3, atol: float = 1e-5,
                     raise_on_failure: bool = True) -> CheckResult:
     """Linearity (Sundararajan et al. 2017): the attribution of c_a f_a + c_b f_b equals
     c_a attr(f_a) + c_b attr(f_b). Passes within atol + rtol * max |attr|."""
     ca, cb = (float(c) for c in coefficients)
-
-    def combined(logits, toks):
-        return ca * metric_a(logits, toks) + cb * metric_b(logits, toks)
-
-    both = attributions(method, model, tokens, combined)
+    both = attributions(method, model, tokens, _Combined(ca, cb, metric_a, metric_b))
     sep = ca * attributions(method, model, tokens, metric_a) + cb * attributions(
         method, model, tokens, metric_b)
     err = np.abs(both - sep).max()
