@@ -347,6 +347,10 @@ def test_report_view_and_cli(browser, model, tmp_path, capsys):
     assert_clean(page, "att.html")
     assert page.eval("document.querySelectorAll('button.ti-head').length") == 8
     assert page.eval("document.querySelectorAll('.ti-cell').length") == 64 * 64
+    # a reproduction's run directory: --attention views its model/, written inside the run
+    checkpoint.save_model(model, run / "model")
+    assert main(["view", str(run), "--attention", "--batch", "1"]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "attention.html")
     assert main(["view", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

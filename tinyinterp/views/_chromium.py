@@ -187,6 +187,8 @@ class Page:
                 and e["method"] in methods]
 
     def open(self, path: str | os.PathLike) -> None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no page to open at {path}")
         url = Path(path).resolve().as_uri()
         self.call("Page.navigate", {"url": url})
         self.b.wait_event("Page.loadEventFired", self.session)

@@ -54,10 +54,13 @@ def _task_for(path: Path, cfg):
     return get_task("repeated_tokens", d_vocab=cfg.d_vocab, length=length, n_repeats=2)
 
 
-def _default_out(path: Path, what: str) -> Path:
+def _default_out(path: Path, model_path: Path | None, what: str) -> Path:
+    """Inside a run directory (a report's, or a training run's --out); beside a bare checkpoint
+    (never inside it: a checkpoint folder holds only the checkpoint)."""
     from tinyinterp import checkpoint
 
-    if what == "report" or (path / checkpoint.RUN_CHECKPOINT_DIR).is_dir():
+    if (what == "report" or model_path != path
+            or (path / checkpoint.RUN_CHECKPOINT_DIR).is_dir()):
         return path / f"{what}.html"
     return path.parent / f"{path.name}.{what}.html"
 
@@ -79,7 +82,7 @@ def run(args) -> int:
         raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist")
     if (path / "report.md").is_file() and not args.attention:
         view = ReportView.from_dir(path)
-        out = out or _default_out(path, "report")
+        out = out or _default_out(path, None, "report")
     else:
         model_path = _model_path(path)
         model = checkpoint.load_model(model_path)
@@ -95,7 +98,7 @@ def run(args) -> int:
         view = attention_view(model, tokens, token_labels=task,
                               title=f"Attention of {name} on {task.name} (seed {args.seed})",
                               layer=int(head[0]), head=int(head[1]))
-        out = out or _default_out(path, "attention")
+        out = out or _default_out(path, model_path, "attention")
     view.save(out)
     print(out)
     return 0
