@@ -154,6 +154,19 @@ def test_attention_view(browser, model, tokens, tmp_path):
     assert page.console_errors() == []
 
 
+def test_attention_view_of_a_large_batch_stays_small(browser, model, tmp_path):
+    """64 sequences of 64 tokens: the weights travel at 1/255, and the page stays under 2 MB."""
+    toks = TASK.sample(jax.random.key(2), 64)["tokens"]
+    page = show(browser, attention_view(model, toks), tmp_path, "attention64")
+    assert_clean(page, "attention64.html")
+    _, cache = model.run_with_cache(toks, names_filter=["blocks.1.attn.hook_pattern"])
+    page.eval("(function(){var s=document.querySelector('select.ti-example'); s.value='63';"
+              "s.dispatchEvent(new Event('change'));})()")
+    page.click('button.ti-head[data-layer="1"][data-head="3"]')
+    page.hover('.ti-cell[data-q="20"][data-k="2"]')
+    assert abs(value_in(tooltip(page), "weight") - float(cache["pattern", 1][63, 3, 20, 2])) < 0.0025
+
+
 def test_two_views_in_one_page(browser, tmp_path):
     """Jupyter's case: two fragments in one document work independently."""
     rng = np.random.default_rng(0)

@@ -54,6 +54,8 @@ window.tinyinterpViews = window.tinyinterpViews || (function(){
   T.b64 = function(s){var bin=atob(s), out=new Uint8Array(bin.length);
     for(var i=0;i<bin.length;i++) out[i]=bin.charCodeAt(i); return out.buffer;};
   T.f32 = function(s){return new Float32Array(T.b64(s));};
+  T.u8 = function(s){var u=new Uint8Array(T.b64(s)), f=new Float32Array(u.length);
+    for(var i=0;i<u.length;i++) f[i]=u[i]/255; return f;};
   T.u16 = function(s){var u=new Uint16Array(T.b64(s)), f=new Float32Array(u.length);
     for(var i=0;i<u.length;i++) f[i]=u[i]/65535; return f;};
   // diverging colour centred at 0: v in [-m, m]
@@ -106,6 +108,12 @@ def b64_f32(x: Any) -> str:
 def b64_u16_unit(x: Any) -> str:
     """Values in [0, 1] quantised to uint16 (error <= 7.7e-6), base64: half of float32's size."""
     q = np.rint(np.clip(np.asarray(x, np.float64), 0.0, 1.0) * 65535.0).astype("<u2")
+    return base64.b64encode(np.ascontiguousarray(q).tobytes()).decode("ascii")
+
+
+def b64_u8_unit(x: Any) -> str:
+    """Values in [0, 1] quantised to uint8 (error <= 0.002), base64: a quarter of float32's."""
+    q = np.rint(np.clip(np.asarray(x, np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
     return base64.b64encode(np.ascontiguousarray(q).tobytes()).decode("ascii")
 
 

@@ -3,7 +3,8 @@
 A row of thumbnails per layer (one per head, so stripes such as the induction head's show at a
 glance) doubles as the head selector; the selected head is drawn large with the query tokens down
 the side and the key tokens along the top; hovering a cell shows its query token, key token and
-weight. Patterns travel as uint16 (error < 1e-5), only the lower triangle when causal.
+weight. Patterns travel as uint16 (error < 1e-5; uint8, error < 0.002, for batches too large for
+that), only the lower triangle when causal.
 """
 # ruff: noqa: E501 - the JavaScript below keeps one statement per line
 
@@ -16,7 +17,11 @@ from typing import Any
 import numpy as np
 
 from tinyinterp.views._labels import position_labels
-from tinyinterp.views._page import View, b64_u16_unit
+from tinyinterp.views._page import View, b64_u8_unit, b64_u16_unit
+
+# Patterns travel as uint16 while that keeps them under this many bytes, else as uint8 (a large
+# batch), so a view stays well under 2 MB: 8 sequences of 64 tokens on 2 x 4 heads take 0.35 MB.
+_U16_BUDGET = 1_200_000
 
 __all__ = ["AttentionView", "attention_view"]
 
@@ -42,7 +47,7 @@ _CSS = """
 
 _SCRIPT = r"""
 var L=data.n_layers, H=data.n_heads, B=data.n_batch, N=data.n_pos;
-var P=T.u16(data.pattern), per=data.tri? N*(N+1)/2 : N*N, DARK=[8,48,107];
+var P=data.bits===16? T.u16(data.pattern) : T.u8(data.pattern), per=data.tri? N*(N+1)/2 : N*N, DARK=[8,48,107];
 function w(b,l,h,q,k){ if(data.tri && k>q) return 0;
   return P[((b*L+l)*H+h)*per + (data.tri? q*(q+1)/2+k : q*N+k)]; }
 var st={b:data.example, l:data.layer, h:data.head};
@@ -50,7 +55,8 @@ var tip=T.tooltip(root);
 root.appendChild(T.el("h2","ti-title",data.title));
 root.appendChild(T.el("p","ti-sub",L+" layers x "+H+" heads, "+B+(B===1?" example":" examples")+
   " of "+N+" tokens. Click a head to enlarge it; hover a cell for its weight. Rows: query "+
-  "(attending) token, columns: key (attended-to) token; each row sums to 1."));
+  "(attending) token, columns: key (attended-to) token; each row sums to 1."+
+  (data.bits===16? "" : " Weights stored to 1/255 (a large batch), so within 0.002.")));
 var controls=T.el("div","ti-controls"); root.appendChild(controls);
 if(B>1){ var lab=T.el("label","","example "); var sel=T.el("select","ti-example");
   for(var b=0;b<B;b++){var o=T.el("option","",String(b)); o.value=b; sel.appendChild(o);}
@@ -93,7 +99,7 @@ grid.addEventListener("mouseover",function(ev){ var c=ev.target; if(!c.classList
   var q=+c.getAttribute("data-q"), k=+c.getAttribute("data-k"), lab=data.labels[st.b];
   clearHl(); qlabels[q].classList.add("ti-hl"); klabels[k].classList.add("ti-hl"); hl=[qlabels[q],klabels[k]];
   tip.show("L"+st.l+"H"+st.h+", example "+st.b+"\nquery: "+JSON.stringify(lab[q])+" (pos "+q+")\n"+
-    "key: "+JSON.stringify(lab[k])+" (pos "+k+")\nweight: "+w(st.b,st.l,st.h,q,k).toFixed(4), ev); });
+    "key: "+JSON.stringify(lab[k])+" (pos "+k+")\nweight: "+w(st.b,st.l,st.h,q,k).toFixed(data.bits===16?4:3), ev); });
 grid.addEventListener("mousemove",function(ev){ if(ev.target.classList&&ev.target.classList.contains("ti-cell")&&tip.el.style.display==="block"){
   var x=ev.clientX+14,y=ev.clientY+14; tip.el.style.left=x+"px"; tip.el.style.top=y+"px";} });
 grid.addEventListener("mouseleave",function(){ tip.hide(); clearHl(); });
@@ -162,8 +168,10 @@ class AttentionView(View):
         tri = bool(np.all(p[..., np.triu_indices(n, 1)[0], np.triu_indices(n, 1)[1]] <= 1e-7))
         flat = p[..., np.tril_indices(n)[0], np.tril_indices(n)[1]] if tri else p
         layer, head, example = self.initial
+        bits = 16 if 2 * flat.size * 4 / 3 <= _U16_BUDGET else 8
         return {"title": self.title, "n_layers": p.shape[1], "n_heads": p.shape[2],
-                "n_batch": p.shape[0], "n_pos": n, "tri": tri, "pattern": b64_u16_unit(flat),
+                "n_batch": p.shape[0], "n_pos": n, "tri": tri, "bits": bits,
+                "pattern": b64_u16_unit(flat) if bits == 16 else b64_u8_unit(flat),
                 "labels": self.labels, "layer": layer, "head": head, "example": example}
 
 
