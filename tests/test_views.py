@@ -370,7 +370,8 @@ def test_report_view_and_cli(browser, model, tmp_path, capsys):
 
 def test_ci_installs_chromium():
     """.ci/run installs Chromium where it is missing, and says so clearly where it cannot."""
-    text = open(os.path.join(os.path.dirname(__file__), "..", ".ci", "run")).read()
+    with open(os.path.join(os.path.dirname(__file__), "..", ".ci", "run")) as f:
+        text = f.read()
     assert "apt-get install" in text and "chromium" in text
     if shutil.which("bash") is None:
         pytest.skip("no bash")
