@@ -198,7 +198,7 @@ metric = A.logit(1, pos=7)
 for layer in range(2):
     r = patching.ablate(model, tokens, metric, f"blocks.{layer}.attn.hook_z", over=("head",))
     print(f"layer {layer}: metric {float(r.baseline):.3f} unablated; with each head zeroed:",
-          np.round(r.values, 3).tolist())
+          np.round(np.asarray(r.values, np.float64), 3).tolist())
     planted = pm.ground_truth.head_mask()[layer]
     assert np.all(r.values[planted] < 0.5) and np.allclose(r.values[~planted], r.baseline, atol=1e-4)
 
