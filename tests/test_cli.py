@@ -37,15 +37,26 @@ def one_line_error(err: str, match: str) -> None:
     assert re.search(match, lines[0]), lines[0]
 
 
+def patch_train(monkeypatch, fn) -> None:
+    """Replace tinyinterp.train.train with ``fn`` for one test, also where a module bound the name
+    at import. The reproduction is imported first: imported (by the command) while the stand-in
+    was in place, it would keep the stand-in for the rest of the session (seen in CI: the
+    induction reproduction's test ran into "training started")."""
+    import tinyinterp.reproduce.induction
+    import tinyinterp.train
+
+    monkeypatch.setattr(tinyinterp.train, "train", fn)
+    monkeypatch.setattr(tinyinterp.reproduce.induction, "train", fn)
+
+
 @pytest.fixture
 def no_training(monkeypatch):
     """Fail the test if any training starts: these errors must come before any work."""
-    import tinyinterp.train
 
     def refuse(*a, **kw):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(tinyinterp.train, "train", refuse)
+    patch_train(monkeypatch, refuse)
 
 
 @pytest.fixture
@@ -62,7 +73,7 @@ def fake_train(monkeypatch):
                                             history={"loss": [1.0]}, train_config=tc,
                                             checkpoint=None)
 
-    monkeypatch.setattr(tinyinterp.train, "train", fake)
+    patch_train(monkeypatch, fake)
     return calls
 
 
@@ -213,12 +224,10 @@ def test_resume_keeps_the_stored_settings_and_says_so(tmp_path, capsys, fake_tra
     (KeyboardInterrupt(), 130, "interrupted"),
 ])
 def test_errors_while_running_are_one_line(tmp_path, capsys, monkeypatch, error, code, match):
-    import tinyinterp.train
-
     def boom(*a, **kw):
         raise error
 
-    monkeypatch.setattr(tinyinterp.train, "train", boom)
+    patch_train(monkeypatch, boom)
     rc, _, err = run(["train", "--out", tmp_path / "run", *SMALL], capsys)
     assert rc == code
     one_line_error(err, match)
