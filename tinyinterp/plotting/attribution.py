@@ -14,22 +14,11 @@ import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from tinyinterp.views.attributions import per_position
+
 __all__ = ["token_attribution_figure", "head_heatmap"]
 
 _DIVERGING = "RdBu_r"
-
-
-def _per_position(values) -> np.ndarray:
-    """An Attribution / Occlusion (its per_position()) or an array [pos] / [batch, pos]."""
-    if hasattr(values, "per_position"):
-        values = values.per_position()
-    v = np.asarray(values, np.float64)
-    if v.ndim == 1:
-        v = v[None]
-    if v.ndim != 2:
-        raise ValueError(f"token attributions must be [pos] or [batch, pos] (or an Attribution), "
-                         f"got shape {v.shape}")
-    return v
 
 
 def _symmetric_norm(v: np.ndarray, vmax: float | None) -> Normalize:
@@ -51,7 +40,7 @@ def token_attribution_figure(values, tokens=None, *, labels: Sequence[Sequence[s
     adds the value under it."""
     if tokens is None and hasattr(values, "tokens"):
         tokens = values.tokens
-    v = _per_position(values)
+    v = per_position(values).astype(np.float64)
     n_batch, n_pos = v.shape
     if tokens is not None:
         t = np.asarray(tokens)
