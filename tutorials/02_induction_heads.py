@@ -138,7 +138,8 @@ scores = {
     "copying": np.asarray(detectors.copying_scores(model)),
 }
 for name, s in scores.items():
-    print(f"{name:>16}:", np.array2string(s, precision=2).replace("\n", ""), "(rows: layers)")
+    grid = np.array2string(s, precision=2, suppress_small=True).replace("\n", "")
+    print(f"{name:>16}: {grid} (rows: layers)")
 prev_head = int(np.argmax(scores["previous_token"][0]))
 ind_head = int(np.argmax(scores["prefix_matching"][1]))
 print(f"previous-token head L0H{prev_head}, induction head L1H{ind_head}")
