@@ -168,24 +168,34 @@ circuit_result = T.check_completeness(my_integrated_gradients, circuit.model, ci
 print(circuit_result.message)
 
 # %% [markdown]
-# And on a program compiled by tracr: `make_sort_unique` sorts distinct tokens with a
-# `SelectorWidth` and an `Aggregate`, compiled into attention heads and ReLU MLPs with one-hot
-# embeddings. `from_tracr` turns it into a tinyinterp model, weight for weight.
+# And on a program compiled by tracr. Compiled with a causal mask (as tinyinterp's models are),
+# a program may only use earlier positions, so we write one that does: each position reads the
+# previous token (an `Aggregate` over a `Select` of the index one back, which tracr compiles into
+# an attention head) and adds 1 to it modulo 5 (a `Map`, compiled into a ReLU MLP). (A program
+# such as tracr's `make_sort_unique` needs to see later positions too: compiled causally it
+# does not sort.) `from_tracr` turns the compiled model into a tinyinterp model, weight for weight.
 
 # %%
-from tracr.compiler import compiling, lib  # noqa: E402
+from tracr.compiler import compiling  # noqa: E402
 from tracr.rasp import rasp  # noqa: E402
 
-program = lib.make_sort_unique(rasp.tokens, rasp.tokens)
+previous = rasp.categorical(rasp.Aggregate(
+    rasp.Select(rasp.indices, rasp.indices, lambda k, q: q == k + 1), rasp.tokens))
+program = rasp.categorical(rasp.Map(lambda t: (t + 1) % 5, previous))
 with jax.numpy_dtype_promotion("standard"):  # tracr's own code mixes int and float
-    assembled = compiling.compile_rasp_to_model(program, vocab={1, 2, 3, 4}, max_seq_len=5,
+    assembled = compiling.compile_rasp_to_model(program, vocab={0, 1, 2, 3, 4}, max_seq_len=5,
                                                 compiler_bos="BOS", causal=True)
-sorter = from_tracr(assembled, program, attention_backend="xla")
-sort_tokens = jnp.asarray(sorter.encode([["BOS", 3, 1, 4, 2], ["BOS", 2, 4, 3, 1]]))
-print("tracr sort_unique:", sorter.decode(sorter.model(sort_tokens)))
-sort_metric = A.logit(int(np.argmax(np.asarray(sorter.model(sort_tokens))[0, -1])), pos=-1)
-tracr_result = T.check_completeness(my_integrated_gradients, sorter.model, sort_tokens,
-                                    sort_metric, rtol=5e-2, atol=5e-2)
+compiled = from_tracr(assembled, program, attention_backend="xla")
+compiled_tokens = jnp.asarray(compiled.encode([["BOS", 3, 1, 4, 2], ["BOS", 2, 4, 3, 1]]))
+outputs = compiled.decode(compiled.model(compiled_tokens))
+print("previous token + 1 (mod 5):", outputs)
+assert [o[2:] for o in outputs] == [[4, 2, 0], [3, 0, 4]]  # what the program says
+# the metric: the logit of the answer at the last position (0 for the first input, 4 for the
+# second: a different class per example, so one metric per example)
+answers = jnp.asarray([0, 4])
+compiled_metric = lambda logits, tokens: logits[jnp.arange(2), -1, answers]  # noqa: E731
+tracr_result = T.check_completeness(my_integrated_gradients, compiled.model, compiled_tokens,
+                                    compiled_metric, rtol=2e-2, atol=1e-3)
 print(tracr_result.message)
 
 # %% [markdown]
@@ -228,16 +238,20 @@ except T.CheckFailed as failure:
 print("caught:", caught)
 assert isinstance(caught, T.CheckFailed) and caught.result.check == "check_completeness"
 
-tracr_broken = T.check_completeness(my_integrated_gradients_broken, circuit.model,
-                                    circuit_tokens, A.logit(4), rtol=2e-2, atol=1e-3,
+planted_broken = T.check_completeness(my_integrated_gradients_broken, circuit.model,
+                                      circuit_tokens, A.logit(4), rtol=2e-2, atol=1e-3,
+                                      raise_on_failure=False)
+print(planted_broken.message)
+tracr_broken = T.check_completeness(my_integrated_gradients_broken, compiled.model,
+                                    compiled_tokens, compiled_metric, rtol=2e-2, atol=1e-3,
                                     raise_on_failure=False)
 print(tracr_broken.message)
-assert tracr_result.passed and not tracr_broken.passed
+assert tracr_result.passed and not planted_broken.passed and not tracr_broken.passed
 
 # %% [markdown]
-# The completeness check catches the bug at once, on the first drawn model and on the planted
-# circuit: the attributions no longer add up to the change of the output, because the positional
-# embedding's share is missing. Looking at heatmaps would not have found it.
+# The completeness check catches the bug at once, on the first drawn model, on the planted
+# circuit and on the compiled program: the attributions no longer add up to the change of the
+# output, because the positional embedding's share is missing. Looking at heatmaps would not have found it.
 #
 # Not every check catches every bug, which is why there are several. Saliency (the plain
 # gradient) is a different method, not a buggy one, and which properties it has is worth
@@ -302,7 +316,7 @@ assert not table["my IG, broken"]["completeness"] and not table["saliency"]["com
 
 # %%
 # 1. On linear models every Riemann rule is exact (the gradient is constant along the path), so
-#    nothing fails there; on the planted circuits and the compiled sort the quadrature error of
+#    nothing fails there; on the planted circuit and the compiled program the quadrature error of
 #    two left points is large, and completeness fails. This is why the strategies draw
 #    non-linear models too.
 def left_riemann_ig(model, tokens, metric, steps=2):
@@ -312,11 +326,11 @@ def left_riemann_ig(model, tokens, metric, steps=2):
 
 lin_ok = T.check_completeness(left_riemann_ig, pm.model, tokens, A.logit(2), rtol=1e-3,
                               raise_on_failure=False).passed
-sort_ok = T.check_completeness(left_riemann_ig, circuit.model, circuit_tokens, A.logit(4),
+circuit_ok = T.check_completeness(left_riemann_ig, circuit.model, circuit_tokens, A.logit(4),
                                rtol=2e-2, atol=1e-3, raise_on_failure=False).passed
 print(f"left Riemann, 2 points: linear model {'pass' if lin_ok else 'FAIL'}, planted circuit "
-      f"{'pass' if sort_ok else 'FAIL'}")
-assert lin_ok and not sort_ok
+      f"{'pass' if circuit_ok else 'FAIL'}")
+assert lin_ok and not circuit_ok
 
 # 2. and 3. (Not run here, to keep the lesson short.) IG passes the randomisation check on a
 #    trained model: re-drawing the weights changes its attributions. For 3, decorate a test with
