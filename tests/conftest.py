@@ -1,6 +1,7 @@
 """Test-wide strictness (as in Equinox): no silent dtype or rank promotion, and the shape
 annotations of the model's modules checked at run time (jaxtyping + beartype)."""
 
+import gc
 import os
 import sys
 
@@ -21,6 +22,7 @@ _CHECKED = ["tinyinterp.model", "tinyinterp.fast", "tinyinterp.inputs"]
 install_import_hook(_CHECKED, "beartype.beartype")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -41,6 +43,18 @@ settings.register_profile(
 )
 settings.load_profile("tinyinterp")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. Every live XLA:CPU executable holds
+    ~7 memory mappings, and a process may have at most vm.max_map_count (65530 by default): one
+    session of this suite compiles thousands of programs (measured: 29k mappings after the first
+    five modules), and when mmap then failed, XLA crashed with a segmentation fault while
+    compiling (both CI runs). ``jax.clear_caches`` releases them (2758 -> 505 mappings after 300
+    programs); what the next module needs is compiled again."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_sessionstart(session):
