@@ -298,7 +298,7 @@ def test_reproduce_quick_writes_a_valid_report(tmp_path):
 
     from tinyinterp.reproduce import superposition as rep
 
-    report = rep.run(tmp_path, seed=0, quick=True, verbose=False)
+    report = rep.run(tmp_path, seed=0, quick=True, verbose=False, workers=2)
     on_disk = json.loads((tmp_path / "report.json").read_text())  # valid JSON (no NaN)
     assert on_disk["summary"] == report["summary"] and report["summary"]
     for name in report["figures"]:

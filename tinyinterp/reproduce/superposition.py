@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import math
+import os
 import time
 from pathlib import Path
 
@@ -600,18 +601,17 @@ def run(out_dir, *, seed: int = 0, quick: bool = False, verbose: bool = True,
     """Run the four experiments, write report.json / report.md / PNGs into ``out_dir``, print a
     plain-words summary and return the report dict.
 
-    ``workers`` (default 1): with 2, the uniform-importance sweep (the largest single piece)
-    trains in a second thread while the other three run one after another in this one, which
-    nearly halves the wall time on an idle 2-core machine, with identical results (each experiment
-    depends only on its own key). It is not the default: two XLA compilations then run at once, and
-    in two CI runs (a long pytest session, jaxlib 0.10.2) XLA crashed with a segmentation fault
-    compiling in both threads; the cause is not known, so the default runs one thread."""
+    ``workers`` (default: 2 if the machine has 2 or more cores, else 1): with 2, the
+    uniform-importance sweep (the largest single piece) trains in a second thread while the other
+    three run one after another in this one. Each experiment is one XLA computation at a time
+    that uses about one core, so on an idle 2-core machine this nearly halves the wall time; the
+    results are identical either way (each experiment depends only on its own key)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = settings(quick)
     key = jax.random.key(seed)
     if workers is None:
-        workers = 1
+        workers = 2 if (os.cpu_count() or 1) >= 2 else 1
     t0 = time.perf_counter()
     report = {"seed": seed, "quick": quick, "settings": s, "workers": workers, "timings_s": {}}
     arrays = {}
@@ -653,9 +653,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="base seed (instances fold it in)")
     parser.add_argument("--quick", action="store_true", help="reduced but real run")
     parser.add_argument("--workers", type=int, default=None,
-                        help="1 (default): everything in one thread; 2: train the uniform-"
-                             "importance sweep in a second thread (faster on 2+ cores, but XLA "
-                             "has crashed compiling in two threads at once: see run())")
+                        help="2: train the uniform-importance sweep in a second thread (default "
+                             "when the machine has 2+ cores); 1: everything in one thread")
 
 
 def main(args: argparse.Namespace) -> int:
