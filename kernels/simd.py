@@ -29,10 +29,15 @@ necessarily the bits of an unfused, unreassociated evaluation (the tests compare
 references with float32 tolerances).
 
 Loads and stores take a 1-D contiguous float32 array and an element offset; the caller guarantees
-that ``offset + LANES <= len(array)`` (kernels pad their scratch buffers to whole vectors).
+that ``offset + LANES <= len(array)`` (kernels pad their scratch buffers to whole vectors). With
+the environment variable TINYINTERP_KERNEL_BOUNDS=1 (a debugging aid, with NUMBA_CACHE_DIR set to
+a separate folder so that no unchecked cached kernel is reused) every vector load, store and
+broadcast checks this and traps (SIGILL, at the faulty access) when it does not hold.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from llvmlite import ir
@@ -67,8 +72,27 @@ class _F32VecModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _VEC)
 
 
+_CHECK_BOUNDS = os.environ.get("TINYINTERP_KERNEL_BOUNDS") == "1"
+
+
+def _check_bounds(context, builder, arr, offset, width):
+    """Trap unless 0 <= offset and offset + width <= the array's length (TINYINTERP_KERNEL_BOUNDS)."""
+    from numba.core import cgutils
+
+    n = builder.extract_value(arr.shape, 0)
+    end = builder.add(offset, ir.Constant(offset.type, width))
+    bad = builder.or_(builder.icmp_signed("<", offset, ir.Constant(offset.type, 0)),
+                      builder.icmp_signed(">", end, n))
+    with builder.if_then(bad, likely=False):
+        trap = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                              "llvm.trap")
+        builder.call(trap, [])
+
+
 def _vec_ptr(context, builder, ary_type, ary, offset):
     arr = context.make_array(ary_type)(context, builder, ary)
+    if _CHECK_BOUNDS:
+        _check_bounds(context, builder, arr, offset, LANES)
     ptr = builder.gep(arr.data, [offset])
     return builder.bitcast(ptr, _VEC.as_pointer())
 
@@ -124,6 +148,8 @@ def vbroadcast(typingctx, ary, offset):
 
     def codegen(context, builder, signature, args):
         arr = context.make_array(signature.args[0])(context, builder, args[0])
+        if _CHECK_BOUNDS:
+            _check_bounds(context, builder, arr, args[1], 1)
         return _splat(builder, builder.load(builder.gep(arr.data, [args[1]]), align=4))
 
     return f32v(ary, types.intp), codegen

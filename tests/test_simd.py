@@ -122,3 +122,31 @@ def test_vbroadcast_is_the_element_in_every_lane(x, i):
     out = np.empty(LANES, np.float32)
     _broadcast(x, i, out)
     np.testing.assert_array_equal(out, np.full(LANES, x[i]))
+
+
+def test_kernel_bounds_checks_trap_out_of_range_vector_accesses(tmp_path):
+    """TINYINTERP_KERNEL_BOUNDS=1 (a debugging aid) makes every vector load/store check that the
+    16 lanes lie inside the array: in range runs, one element past the end traps (SIGILL)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np
+from numba import njit
+from tinyinterp.kernels.simd import vload, vstore
+@njit
+def shift(a, o):
+    vstore(a, o, vload(a, 0))
+a = np.zeros(20, np.float32)
+shift(a, 4)
+print("in range", flush=True)
+shift(a, 5)
+print("not trapped", flush=True)
+"""
+    env = dict(os.environ, TINYINTERP_KERNEL_BOUNDS="1", NUMBA_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.stdout.splitlines() == ["in range"], (r.stdout, r.stderr[-2000:])
+    assert r.returncode == -signal.SIGILL, r.returncode
