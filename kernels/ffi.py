@@ -55,9 +55,9 @@ call frame only after claiming an item, i.e. while the handler is still waiting 
 pool (or if scheduling fails), the handler's own call does every item.
 
 Caching: the handler, the task and each entry are compiled on first use with ``cache=True``.
-Numba checks only the source file of the function it caches, so after editing a kernel module
-(or ``kernels/xla_ffi_abi.py``) without touching this file, clear the ``__pycache__`` of
-kernels/ to rebuild the entries.
+Numba checks only the source file of the function it caches, so an entry here would keep an
+edited kernel's old code: the package's ``__init__`` drops its Numba cache files whenever any
+kernel source changed (kernels/__init__.py).
 """
 
 from __future__ import annotations
