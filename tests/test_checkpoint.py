@@ -404,7 +404,7 @@ def test_config_mismatch(saved):
     edit_config(path, lambda d: d["model_config"].update(d_vocab=12))
     with pytest.raises(C.CheckpointError, match=r"params.safetensors.*embed.W_E.*shape"):
         C.load_model(path)
-    edit_config(path, lambda d: d["model_config"].update(d_head=5))
+    edit_config(path, lambda d: d["model_config"].update(act_fn="gleu"))  # no such activation
     with pytest.raises(C.CheckpointError, match=r"config.json: invalid model_config"):
         C.load_model(path)
 
