@@ -48,7 +48,7 @@ def tl_model_for(model):
     return tl_model.eval()
 
 
-@settings(max_examples=12)
+@settings(max_examples=6)
 @given(models(configs(act_fns=("relu", "gelu", "gelu_new", "silu"))), st.integers(0, 2**31 - 1))
 def test_every_hook_point_matches_transformer_lens(model, seed):
     _, torch = _libs()
