@@ -320,7 +320,7 @@ def write_figures(out: Path, report: dict, model: HookedTransformer, tokens: jax
              if k in ("previous_token", "prefix_matching", "copying")}),
         "induction_pattern.png": ip.attention_pattern_figure(
             np.asarray(_pattern_of(model, tokens[:1], ind["layer"], ind["head"])),
-            [str(int(t)) for t in np.asarray(tokens[0])],
+            training_task(model.cfg).label_tokens(tokens[0]),  # the task's token names
             title=f"Induction head L{ind['layer']}H{ind['head']} on a repeated sequence"),
         "k_composition.png": ip.composition_heatmap(
             np.asarray(report["k_composition"]["matrix"]),
