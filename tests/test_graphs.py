@@ -1,0 +1,223 @@
+"""Attribution graphs (tinyinterp.graphs): exactness of the edges, pruning and scores against a
+hand-computed graph, ground truth (a transcoder equal to the MLP, planted MLP circuits, an
+attention-only model), interventions equal to edges, and clear errors for bad input."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import tinyinterp
+from tinyinterp import graphs
+from tinyinterp import transcoders as T
+
+
+def _cfg(**kw):
+    base = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_vocab=20, n_ctx=16, d_mlp=48,
+                act_fn="relu")
+    return tinyinterp.TransformerConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def ln_model():
+    return tinyinterp.HookedTransformer.from_config(_cfg(), seed=1)
+
+
+PROMPT = np.array([3, 7, 1, 12, 7, 5, 18, 2, 9, 7], np.int32)
+
+
+def assert_exact(g: graphs.AttributionGraph):
+    """Each target's incoming edges plus its constant equal its pre-activation (float32)."""
+    A = g.adjacency
+    total = np.asarray(A.sum(axis=1), np.float64).ravel() + g.constant
+    scale = np.asarray(abs(A).sum(axis=1), np.float64).ravel() + np.abs(g.constant)
+    rows = np.r_[0:g.n_features, g.logit_start:g.n_nodes]
+    err = np.abs(total - g.values)[rows]
+    assert np.all(err <= 1e-5 * scale[rows] + 1e-6 * scale.max()), err.max()
+    # error and token nodes are sources only
+    assert np.diff(A.indptr)[g.n_features:g.logit_start].sum() == 0
+
+
+@pytest.mark.parametrize("case", ["mlp", "clt_jumprelu_skip_lnpre"])
+def test_edges_plus_constant_equal_the_pre_activation(ln_model, case):
+    if case == "mlp":
+        model, tc = ln_model, T.from_mlps(ln_model)
+    else:  # cross-layer JumpReLU transcoders with skip connections on a GELU LNPre model
+        model = tinyinterp.HookedTransformer.from_config(
+            _cfg(normalization_type="LNPre", act_fn="gelu", n_layers=3), seed=2)
+        tc = T.random_transcoders(model.cfg, 64, architecture="jumprelu", skip=True,
+                                  cross_layer=True, seed=3)
+    g = graphs.attribution_graph(model, tc, PROMPT, batch_size=64)
+    assert g.n_features > 0 and g.n_logits >= 1
+    assert_exact(g)
+    # the logit nodes: the top tokens covering 95% (at most 10), values = logit - mean logit
+    logits = np.asarray(model(PROMPT[None])[0, -1], np.float64)
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    top = np.argsort(-p)[:10]
+    n = min(int(np.searchsorted(np.cumsum(p[top]), 0.95)) + 1, 10)
+    np.testing.assert_array_equal(g.logit_tokens, top[:n])
+    np.testing.assert_allclose(g.values[g.logit_start:], logits[top[:n]] - logits.mean(),
+                               rtol=1e-5, atol=1e-5)
+    if case != "mlp":  # random transcoders leave errors; every error node is an MLP's residue
+        assert g.error_norms.max() > 0
+    if case == "mlp":  # chunking does not change the rows
+        g2 = graphs.attribution_graph(model, tc, PROMPT, batch_size=1000)
+        np.testing.assert_allclose(g2.dense(), g.dense(), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- golden pruning
+def _hand_graph(logit_p=0.5):
+    """Nodes f0 f1 | e0 | t0 | L (one layer, one position). Edges (target <- source: weight):
+    f0 <- t0: 2; f1 <- t0: -1; L <- f0: 3, f1: -1, e0: 1."""
+    A = np.zeros((5, 5), np.float32)
+    A[0, 3], A[1, 3] = 2.0, -1.0
+    A[4, 0], A[4, 1], A[4, 2] = 3.0, -1.0, 1.0
+    return graphs.AttributionGraph(
+        sp.csr_matrix(A), np.zeros(5, np.float32), np.zeros(5, np.float32),
+        np.array([0]), np.array([[0, 0, 0], [0, 0, 1]]), np.ones(2, np.float32), np.array([4]),
+        np.array([logit_p], np.float32), 1, np.zeros((1, 1), np.float32))
+
+
+def test_pruning_and_scores_match_a_hand_computed_graph():
+    g = _hand_graph(0.5)
+    # row-normalised |A|: f0 <- t0: 1; f1 <- t0: 1; L <- f0 .6, f1 .2, e0 .2.
+    # influence w A + w A^2 (w = 0.5 on L): f0 .3, f1 .1, e0 .1, then t0 .5 * (.6 + .2) = .4
+    np.testing.assert_allclose(graphs.node_influence(g), [0.3, 0.1, 0.1, 0.4, 0.0], atol=1e-7)
+    s = graphs.graph_scores(g)
+    # replacement: tokens .4 / (tokens .4 + errors .1) = .8
+    # completeness: sum((1 - error share of inputs) * (influence + w)) / sum(influence + w)
+    #             = (.3 + .1 + .1 + .4 + .8 * .5) / (.3 + .1 + .1 + .4 + .5) = 1.3 / 1.4
+    assert s.replacement == pytest.approx(0.8, abs=1e-6)
+    assert s.completeness == pytest.approx(1.3 / 1.4, abs=1e-6)
+    # node threshold .6: sorted influence .4 .3 .1 .1 0 (total .9), cumulative .444 .778 ...:
+    # the first to reach .6 is .3 -> keep f0 (and t0, L: tokens and logits always)
+    pr = graphs.prune_graph(g, node_threshold=0.6, edge_threshold=0.98)
+    np.testing.assert_array_equal(pr.node_mask, [True, False, False, True, True])
+    # pruned graph f0 <- t0 (1), L <- f0 (1): both edges carry influence .5, both kept
+    tgt, src, wt = pr.edges()
+    assert sorted(zip(tgt.tolist(), src.tolist(), strict=True)) == [(0, 3), (4, 0)]
+    np.testing.assert_allclose(sorted(wt), [2.0, 3.0])
+    np.testing.assert_allclose(pr.cumulative_scores, [0.7777778, 0.8888889, 1.0, 0.4444444, 1.0],
+                               atol=1e-6)
+    # the defaults (0.8, 0.98): the .8 mark is reached at the .1s (f1 and e0 tie): every node is
+    # kept; edge influences f0<-t0 .3, f1<-t0 .1, L<-f0 .3, L<-f1 .1, L<-e0 .1 (of .9): all kept
+    pr = graphs.prune_graph(g)
+    assert pr.node_mask.all() and pr.edge_mask.sum() == 5
+    # an edge threshold of .6 keeps the two .3 edges; f1 and e0 lose their edges and are dropped
+    pr = graphs.prune_graph(g, edge_threshold=0.6)
+    np.testing.assert_array_equal(pr.node_mask, [True, False, False, True, True])
+    assert pr.edge_mask.sum() == 2
+    for bad in (-0.1, 1.5, float("nan"), "0.8"):
+        with pytest.raises(ValueError, match="node_threshold"):
+            graphs.prune_graph(g, node_threshold=bad)
+
+
+def test_threshold_of_many_scores_equals_the_sorting_definition():
+    rng = np.random.default_rng(0)
+    s = (rng.pareto(1.5, 300_000) * (rng.random(300_000) < 0.3)).astype(np.float32)
+    for frac in (0.5, 0.8, 0.98, 1.0):
+        srt = -np.sort(-s)
+        cum = np.cumsum(srt, dtype=np.float64) / s.sum(dtype=np.float64)
+        want = srt[min(int(np.searchsorted(cum, frac)), s.size - 1)]
+        assert graphs._threshold(s, frac) == want
+
+
+# ----------------------------------------------------------------------------- ground truth
+def test_transcoder_equal_to_the_mlp_has_no_error_and_scores_fall_with_its_decoder(ln_model):
+    tc = T.from_mlps(ln_model)
+    g = graphs.attribution_graph(ln_model, tc, PROMPT)
+    assert g.error_norms.max() < 1e-5
+    s = graphs.graph_scores(g)
+    assert s.replacement == pytest.approx(1.0, abs=1e-5)
+    assert s.completeness == pytest.approx(1.0, abs=1e-5)
+    scores = []
+    for alpha in (1.0, 0.8, 0.6, 0.4, 0.2):
+        scaled = tc.replace([{**p, "W_dec": alpha * p["W_dec"]} for p in tc.params])
+        gs = graphs.graph_scores(graphs.attribution_graph(ln_model, scaled, PROMPT))
+        scores.append((gs.replacement, gs.completeness))
+    r, c = np.array(scores).T
+    assert np.all(np.diff(r) < 0) and np.all(np.diff(c) < 0), scores
+
+
+def planted_mlp_circuit(a_tok=3, b_tok=5, seed=0):
+    """A 2-layer model without norms whose only route to the logits is planted: token ``a_tok``
+    fires layer-0 neuron 0 (writing dim 16), a previous-token head in layer 1 moves it to the next
+    position (dim 17), layer-1 neuron 0 fires there (dim 18) and raises the logit of ``b_tok``.
+    Every other neuron (distractors, random) reads everything and writes only to dims 19.."""
+    cfg = tinyinterp.TransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_vocab=8,
+                                       n_ctx=8, d_mlp=8, normalization_type=None, act_fn="relu")
+    rng = np.random.default_rng(seed)
+    P = tinyinterp.init_params(cfg, __import__("jax").random.key(0))
+    P = __import__("jax").tree_util.tree_map(lambda x: np.zeros(x.shape, np.float32), P)
+    P["embed"]["W_E"][:, 0:8] = np.eye(8)
+    P["pos_embed"]["W_pos"][:, 8:16] = np.eye(8)
+    for layer in range(2):
+        m = P["blocks"][layer]["mlp"]
+        m["W_in"][:, 1:] = 0.5 * rng.standard_normal((32, 7))
+        m["b_in"][1:] = 0.1 * rng.standard_normal(7)
+        m["W_out"][1:, 19:] = rng.standard_normal((7, 13))
+    P["blocks"][0]["mlp"]["W_in"][a_tok, 0] = 1.0
+    P["blocks"][0]["mlp"]["W_out"][0, 16] = 1.0
+    a = P["blocks"][1]["attn"]
+    s = 30.0 * 4.0  # SHARPNESS * sqrt(d_head)
+    a["W_Q"][0][8 + np.arange(8), np.maximum(np.arange(8) - 1, 0)] = s
+    a["W_K"][0][8 + np.arange(8), np.arange(8)] = 1.0
+    a["W_V"][0][16, 0] = 1.0
+    a["W_O"][0][0, 17] = 1.0
+    P["blocks"][1]["mlp"]["W_in"][17, 0] = 1.0
+    P["blocks"][1]["mlp"]["b_in"][0] = -0.5
+    P["blocks"][1]["mlp"]["W_out"][0, 18] = 1.0
+    P["unembed"]["W_U"][18, b_tok] = 20.0
+    import jax.numpy as jnp
+    P = __import__("jax").tree_util.tree_map(jnp.asarray, P)
+    return tinyinterp.HookedTransformer(cfg, P)
+
+
+def test_planted_mlp_circuit_survives_pruning():
+    model = planted_mlp_circuit()
+    prompt = np.array([1, 6, 3, 4], np.int32)  # a_tok=3 at position 2, the answer read at 3
+    g = graphs.attribution_graph(model, T.from_mlps(model), prompt)
+    assert g.logit_tokens.tolist() == [5]
+    assert_exact(g)
+    pr = graphs.prune_graph(g)
+    planted = [g.token_node(2), g.feature_node(0, 2, 0), g.feature_node(1, 3, 0), g.logit_node(5)]
+    assert pr.node_mask[planted].all()
+    kept_features = {tuple(g.active_features[i]) for i in pr.nodes if i < g.n_features}
+    assert kept_features == {(0, 2, 0), (1, 3, 0)}  # distractors carry no influence
+    tgt, src, _ = pr.edges()
+    chain = {(planted[1], planted[0]), (planted[2], planted[1]), (planted[3], planted[2])}
+    assert chain <= set(zip(tgt.tolist(), src.tolist(), strict=True))
+
+
+def test_attention_only_model_has_only_tokens_and_logits():
+    cfg = _cfg(attn_only=True)
+    model = tinyinterp.HookedTransformer.from_config(cfg, seed=7)
+    g = graphs.attribution_graph(model, None, PROMPT)
+    assert g.n_features == 0 and g.n_errors == 0
+    assert_exact(g)
+    infl = graphs.node_influence(g)
+    assert infl[g.token_start:g.logit_start].sum() > 0
+    assert np.all(infl[:g.token_start] == 0) and np.all(infl[g.logit_start:] == 0)
+    s = graphs.graph_scores(g)
+    assert s.replacement == 1.0 and s.completeness == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input_gets_clear_errors(ln_model):
+    tc = T.from_mlps(ln_model)
+    other = tinyinterp.HookedTransformer.from_config(_cfg(d_model=16, d_head=4), seed=0)
+    with pytest.raises(ValueError, match="d_model=32"):
+        graphs.attribution_graph(ln_model, T.from_mlps(other), PROMPT)
+    with pytest.raises(ValueError, match="1 transcoders for a model with 2 MLP layers"):
+        graphs.attribution_graph(ln_model, tc.replace(tc.params[:1]), PROMPT)
+    with pytest.raises(ValueError, match="exceeds n_ctx=16"):
+        graphs.attribution_graph(ln_model, tc, np.zeros(17, np.int32))
+    with pytest.raises(ValueError, match="one prompt"):
+        graphs.attribution_graph(ln_model, tc, np.zeros((2, 4), np.int32))
+    with pytest.raises(ValueError, match="d_vocab=20"):
+        graphs.attribution_graph(ln_model, tc, np.array([1, 20], np.int32))
+    with pytest.raises(TypeError, match="Transcoders"):
+        graphs.attribution_graph(ln_model, [tc.params[0]], PROMPT)
+    attn_only = tinyinterp.HookedTransformer.from_config(_cfg(attn_only=True), seed=0)
+    with pytest.raises(ValueError, match="attention-only"):
+        graphs.attribution_graph(attn_only, tc, PROMPT)

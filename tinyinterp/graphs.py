@@ -1,0 +1,630 @@
+"""Attribution graphs (Ameisen et al. 2025, "Circuit Tracing"; the circuit-tracer library).
+
+Axis vocabulary: layer, pos, d_model, feature, node, row (a target node whose incoming edges are
+computed), vocab.
+
+**The local replacement model** of one prompt: every MLP is replaced by its transcoder
+(``tinyinterp.transcoders``) plus an *error node* per (layer, pos) equal to the MLP's output minus
+the transcoder's; the attention patterns and every norm's scale are held at their values on the
+prompt. What remains is linear in the residual stream: each target node's pre-activation is a
+sum of direct contributions (edges) from the nodes upstream plus a constant (the biases).
+
+**Nodes**, in circuit-tracer's order: active features (sorted by layer, pos, feature), error nodes
+(layer-major: index n_features + layer * n_pos + pos), token nodes (the token's embedding with its
+positional embedding folded in), logit nodes (the top tokens of the last position covering
+``desired_logit_prob`` of the probability, at most ``max_n_logits``). The constant terms (every
+bias, pushed through the frozen model) form one more node, kept apart in ``graph.constant``.
+
+**Edges** ``adjacency[target, source]``: a feature's edge is its activation times the gradient of
+the target's pre-activation with respect to it in the local replacement model; an error or token
+node's edge is its vector dotted with the gradient at the point it writes to. A feature target's
+pre-activation is its encoder's ``x W_enc + b_enc``; a logit target's is the logit minus the mean
+logit, read through the demeaned unembedding (circuit-tracer's). So for every target
+
+    sum(adjacency[target]) + constant[target] == value[target]      (to float32 rounding).
+
+Rows are computed by vector-Jacobian products batched over target rows (``jax.vmap`` over the
+rows of a chunk of ``batch_size`` rows, one compiled program per target layer) and stored sparse
+(scipy CSR): never one backward pass per node.
+
+**Pruning and scores** (circuit-tracer's ``prune_graph`` and ``compute_graph_scores``): influence
+is w ((I - A)^-1 - I) = w A + w A^2 + ..., A the adjacency with absolute values, rows normalised
+to sum 1, w the logit probabilities on the logit nodes. Nodes are kept down to ``node_threshold``
+(0.8) of the total influence, edges to ``edge_threshold`` (0.98) of the total edge influence;
+token and logit nodes are always kept. Error nodes are pruned like features (kept when their
+influence passes the threshold and they keep an outgoing edge), never forced in or out; feature
+nodes also need a kept incoming edge. The constant node is not part of the influence
+computation (circuit-tracer has none). Replacement score: the share of influence reaching the
+tokens rather than error nodes; completeness: the influence-weighted share of each node's
+(normalised) inputs that come from non-error nodes.
+
+**Interventions** (``intervene``): set or scale features, with the attention patterns and norm
+scales frozen and the feature activations of a range of layers constrained (held at their values
+except where set), or unconstrained through the real MLPs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse as sp
+from jaxtyping import Array, Float
+
+from tinyinterp.transcoders import Transcoders, mlp_input_hook
+
+__all__ = [
+    "AttributionGraph", "GraphScores", "PruneResult", "attribution_graph", "prune_graph",
+    "graph_scores", "node_influence",
+]
+
+
+# ----------------------------------------------------------------------------- the graph
+@dataclass(frozen=True, eq=False)
+class AttributionGraph:
+    """A prompt's attribution graph (see the module docstring for the node order and edges).
+
+    ``adjacency`` [node, node] (targets x sources, scipy CSR float32); ``constant`` [node] (the
+    constant node's edge into each target); ``values`` [node] (each target's pre-activation: a
+    feature's encoder pre-activation, a logit minus the mean logit; 0 for error and token nodes);
+    ``active_features`` [n_features, 3] (layer, pos, feature); ``activations`` [n_features];
+    ``logit_tokens`` / ``logit_probabilities`` [n_logits]; ``error_norms`` [layer, pos]."""
+
+    adjacency: sp.csr_matrix
+    constant: np.ndarray
+    values: np.ndarray
+    tokens: np.ndarray
+    active_features: np.ndarray
+    activations: np.ndarray
+    logit_tokens: np.ndarray
+    logit_probabilities: np.ndarray
+    n_layers: int
+    error_norms: np.ndarray
+    settings: dict = field(default_factory=dict)
+
+    n_pos = property(lambda self: int(self.tokens.shape[0]))
+    n_features = property(lambda self: int(self.active_features.shape[0]))
+    n_errors = property(lambda self: self.n_layers * self.n_pos)
+    n_tokens = property(lambda self: self.n_pos)
+    n_logits = property(lambda self: int(self.logit_tokens.shape[0]))
+    n_nodes = property(lambda self: self.n_features + self.n_errors + self.n_pos + self.n_logits)
+    error_start = property(lambda self: self.n_features)
+    token_start = property(lambda self: self.n_features + self.n_errors)
+    logit_start = property(lambda self: self.token_start + self.n_pos)
+
+    def logit_weights(self) -> np.ndarray:
+        """[node]: each logit node's probability, 0 elsewhere (the influence's starting vector)."""
+        w = np.zeros(self.n_nodes, np.float32)
+        w[self.logit_start:] = self.logit_probabilities
+        return w
+
+    def dense(self) -> np.ndarray:
+        """The adjacency as a dense [node, node] array (small graphs only)."""
+        return self.adjacency.toarray()
+
+    def kind(self, node: int) -> str:
+        """"feature" | "error" | "token" | "logit"."""
+        if not 0 <= node < self.n_nodes:
+            raise IndexError(f"node {node} out of range: the graph has {self.n_nodes} nodes")
+        for name, start in (("logit", self.logit_start), ("token", self.token_start),
+                            ("error", self.error_start)):
+            if node >= start:
+                return name
+        return "feature"
+
+    def feature_node(self, layer: int, pos: int, feature: int) -> int:
+        """The node index of an active feature (KeyError when it is not active here)."""
+        hit = np.nonzero((self.active_features[:, 0] == layer) & (self.active_features[:, 1] == pos)
+                         & (self.active_features[:, 2] == feature))[0]
+        if not hit.size:
+            raise KeyError(f"feature {feature} of layer {layer} is not active at pos {pos}")
+        return int(hit[0])
+
+    def error_node(self, layer: int, pos: int) -> int:
+        return self.error_start + layer * self.n_pos + pos
+
+    def token_node(self, pos: int) -> int:
+        return self.token_start + pos
+
+    def logit_node(self, token: int) -> int:
+        hit = np.nonzero(self.logit_tokens == token)[0]
+        if not hit.size:
+            raise KeyError(f"token {token} is not one of the graph's logit nodes "
+                           f"{self.logit_tokens.tolist()}")
+        return self.logit_start + int(hit[0])
+
+    def label(self, node: int, token_labels: Sequence[str] | None = None) -> str:
+        """A short readable name for a node."""
+        def name(t):
+            return token_labels[t] if token_labels is not None else str(t)
+        kind = self.kind(node)
+        if kind == "feature":
+            layer, pos, f = self.active_features[node]
+            return f"L{layer} F{f} @{pos}"
+        if kind == "error":
+            layer, pos = divmod(node - self.error_start, self.n_pos)
+            return f"err L{layer} @{pos}"
+        if kind == "token":
+            pos = node - self.token_start
+            return f"{name(int(self.tokens[pos]))} @{pos}"
+        i = node - self.logit_start
+        return f"logit {name(int(self.logit_tokens[i]))} (p={self.logit_probabilities[i]:.3f})"
+
+    def __repr__(self) -> str:
+        return (f"AttributionGraph(pos={self.n_pos}, features={self.n_features}, "
+                f"errors={self.n_errors}, logits={self.n_logits}, edges={self.adjacency.nnz})")
+
+
+# ----------------------------------------------------------------------------- input checks
+def _check_inputs(model, transcoders: Transcoders | None, tokens) -> tuple[Transcoders, np.ndarray]:
+    from tinyinterp.inputs import check_tokens
+
+    cfg = model.cfg
+    if transcoders is None:
+        transcoders = Transcoders([])
+    if not isinstance(transcoders, Transcoders):
+        raise TypeError(f"transcoders must be a tinyinterp.transcoders.Transcoders (one per MLP "
+                        f"layer; None for an attention-only model), got {type(transcoders).__name__}")
+    transcoders.check(cfg)
+    toks = np.asarray(tokens) if isinstance(tokens, (list, tuple)) else tokens
+    if hasattr(toks, "ndim") and toks.ndim == 1:
+        toks = toks[None]
+    toks = check_tokens(toks, cfg)
+    if toks.shape[0] != 1:
+        raise ValueError(f"an attribution graph is for one prompt: tokens [pos] or [1, pos], got "
+                         f"shape {tuple(toks.shape)}")
+    toks = np.asarray(toks)[0].astype(np.int32)
+    if toks.size == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    bad = (toks < 0) | (toks >= cfg.d_vocab)
+    if bad.any():
+        raise ValueError(f"token ids must be in [0, {cfg.d_vocab}), got {toks[bad].tolist()}")
+    return transcoders, toks
+
+
+# ----------------------------------------------------------------------------- the clean run
+def _frozen_norm(x: Float[Array, "pos d_model"], scale: Float[Array, "pos 1"] | None, p: dict,
+                 kind: str | None, affine: bool) -> Float[Array, "pos d_model"]:
+    """``tinyinterp.model.normalize`` with the scale held at its value on the prompt: linear."""
+    if kind is None:
+        return x
+    if kind in ("LN", "LNPre"):
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x / scale
+    if affine and kind in ("LN", "RMS"):
+        x = x * p["w"][None, :]
+    if affine and kind == "LN":
+        x = x + p["b"][None, :]
+    return x
+
+
+def _final_read_hook(cfg) -> str:
+    return "ln_final.hook_normalized" if cfg.normalization_type is not None else "unembed.hook_in"
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _clean_run(params, tc: Transcoders, toks, *, cfg) -> dict:
+    """Everything the local replacement model holds fixed, from one forward pass: the frozen
+    patterns and scales, the transcoders' inputs, pre-activations, activations and errors, the
+    logits (one compiled program)."""
+    from tinyinterp.model import forward_with_cache
+
+    has_norm = cfg.normalization_type is not None
+    n_mlp = tc.n_layers
+    names = ["hook_embed", "hook_pos_embed", _final_read_hook(cfg)]
+    for layer in range(cfg.n_layers):
+        names.append(f"blocks.{layer}.attn.hook_pattern")
+        if has_norm:
+            names.append(f"blocks.{layer}.ln1.hook_scale")
+    for layer in range(n_mlp):
+        names += [mlp_input_hook(cfg, layer), f"blocks.{layer}.hook_mlp_out"]
+        if has_norm:
+            names.append(f"blocks.{layer}.ln2.hook_scale")
+    if has_norm:
+        names.append("ln_final.hook_scale")
+    logits, cache = forward_with_cache(params, cfg, toks[None], frozenset(names))
+    c = {n: cache[n][0] for n in names}  # drop the batch axis
+    frozen = {"pattern": jnp.stack([c[f"blocks.{i}.attn.hook_pattern"] for i in range(cfg.n_layers)]),
+              "ln1": (jnp.stack([c[f"blocks.{i}.ln1.hook_scale"] for i in range(cfg.n_layers)])
+                      if has_norm else None),
+              "ln2": (jnp.stack([c[f"blocks.{i}.ln2.hook_scale"] for i in range(n_mlp)])
+                      if has_norm and n_mlp else None),
+              "lnf": c["ln_final.hook_scale"] if has_norm else None}
+    xs = [c[mlp_input_hook(cfg, i)] for i in range(n_mlp)]  # each [pos, d_model]
+    outs, pres, acts = tc(xs) if n_mlp else ([], [], [])
+    n_pos, d = toks.shape[0], cfg.d_model
+    errors = (jnp.stack([c[f"blocks.{i}.hook_mlp_out"] - outs[i] for i in range(n_mlp)])
+              if n_mlp else jnp.zeros((0, n_pos, d), jnp.float32))
+    # the constant terms: the linear model with every node at zero (the transcoders' b_dec only)
+    b_dec = (jnp.stack([jnp.broadcast_to(p["b_dec"][None, :], (n_pos, d)) for p in tc.params])
+             if n_mlp else errors)
+    skips = tuple(p.get("W_skip") for p in tc.params)
+    reads0 = [_linear_reads(params, cfg, frozen, skips, upto, jnp.zeros((n_pos, d), jnp.float32),
+                            b_dec) for upto in range(n_mlp + 1)]
+    return {"frozen": frozen, "xs": xs, "pres": pres, "acts": acts, "errors": errors,
+            "logits": logits[0], "tokvec": c["hook_embed"] + c["hook_pos_embed"],
+            "reads0": reads0}
+
+
+# ----------------------------------------------------------------------------- the linear model
+def _linear_reads(params, cfg, frozen: dict, skips: tuple, upto: int,
+                  embed_write: Float[Array, "pos d_model"],
+                  mlp_writes: Float[Array, "layer pos d_model"]) -> Float[Array, "pos d_model"]:
+    """The local replacement model, linear in what is written into the residual stream (the
+    token embeddings ``embed_write`` and each layer's MLP output ``mlp_writes``): the read of
+    layer ``upto`` (the transcoder's input of that layer; ``upto == n_mlp``: the final norm's
+    output before its affine), with the patterns and norm scales frozen."""
+    kind = cfg.normalization_type
+    n_mlp = mlp_writes.shape[0]
+    resid = embed_write
+    for layer in range(cfg.n_layers):
+        blk = params["blocks"][layer]
+        a = blk["attn"]
+        x = _frozen_norm(resid, None if frozen["ln1"] is None else frozen["ln1"][layer],
+                         blk.get("ln1", {}), kind, affine=True)
+        v = jnp.einsum("pm,hmd->phd", x, a["W_V"]) + a["b_V"][None]  # [pos, head, d_head]
+        z = jnp.einsum("hqk,khd->qhd", frozen["pattern"][layer], v)  # frozen pattern @ v
+        resid = resid + jnp.einsum("qhd,hdm->qm", z, a["W_O"]) + a["b_O"][None, :]
+        if layer >= n_mlp:
+            continue
+        xin = _frozen_norm(resid, None if frozen["ln2"] is None else frozen["ln2"][layer], {},
+                           kind, affine=False)  # the transcoder's input [pos, d_model]
+        if layer == upto:
+            return xin
+        out = mlp_writes[layer]
+        if skips[layer] is not None:
+            out = out + xin @ skips[layer]
+        resid = resid + out
+    return _frozen_norm(resid, frozen["lnf"], {}, kind, affine=False)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "upto"))
+def _edge_rows(params, frozen, skips, tokvec, errors, dec, feat_pos, feat_slot, rows_pos, rows_vec,
+               *, cfg, upto: int):
+    """Edges into a chunk of target rows of layer ``upto``: one vector-Jacobian product per row,
+    batched with vmap. rows_pos [row], rows_vec [row, d_model] (the target reads
+    ``rows_vec . read[upto][rows_pos]``). dec [pos, slot, layer * d_model]: each active source
+    feature's activation x decoder into every MLP layer, by position and slot; feat_pos /
+    feat_slot [feature] where each source feature sits in ``dec``. -> (feature edges [row,
+    feature], error edges [row, layer * pos], token edges [row, pos])."""
+    n_pos, d = tokvec.shape
+    n_mlp = errors.shape[0]
+    zeros_m = jnp.zeros((n_mlp, n_pos, d), jnp.float32)
+    _, vjp = jax.vjp(lambda e, m: _linear_reads(params, cfg, frozen, skips, upto, e, m),
+                     jnp.zeros_like(tokvec), zeros_m)
+
+    def one(p, vec):
+        return vjp(jnp.zeros((n_pos, d), jnp.float32).at[p].set(vec))
+
+    g_e, g_m = jax.vmap(one)(rows_pos, rows_vec)  # [row, pos, d_model], [row, layer, pos, d_model]
+    tok = jnp.einsum("rpd,pd->rp", g_e, tokvec)
+    n_row = rows_pos.shape[0]
+    err = jnp.einsum("rlpd,lpd->rlp", g_m, errors).reshape(n_row, n_mlp * n_pos)
+    # [row, layer, pos, d] -> [row, pos, layer * d]: contract each position's block with dec
+    gm = jnp.transpose(g_m, (0, 2, 1, 3)).reshape(n_row, n_pos, n_mlp * d)
+    fe = jnp.einsum("rpk,pnk->rpn", gm, dec)  # [row, pos, slot]
+    return fe[:, feat_pos, feat_slot], err, tok
+
+
+def _bucket(n: int, step: int = 32) -> int:
+    return max(step, -(-n // step) * step)
+
+
+def _decoder_blocks(tc: Transcoders, host: list, feats: np.ndarray, acts: np.ndarray, n_pos: int,
+                    d: int):
+    """(dec [pos, slot, layer * d_model], slot [feature]) for source features ``feats`` [n, 3]
+    (sorted by layer, pos, feature) with activations ``acts`` [n]."""
+    n_mlp = tc.n_layers
+    order = np.lexsort((np.arange(len(feats)), feats[:, 1]))  # stable by position
+    slot = np.zeros(len(feats), np.int64)
+    if len(feats):
+        sorted_pos = feats[order, 1]
+        starts = np.searchsorted(sorted_pos, sorted_pos, side="left")
+        slot[order] = np.arange(len(feats)) - starts
+    n_slot = _bucket(int(slot.max()) + 1 if len(feats) else 1)
+    dec = np.zeros((n_pos, n_slot, n_mlp * d), np.float32)
+    for layer in range(n_mlp):
+        sel = np.nonzero(feats[:, 0] == layer)[0]
+        if not sel.size:
+            continue
+        W = host[layer]["W_dec"][feats[sel, 2]]  # [n, n_targets, d_model]
+        W = W * acts[sel][:, None, None]
+        for j, t in enumerate(tc.targets(layer)):
+            dec[feats[sel, 1], slot[sel], t * d:(t + 1) * d] = W[:, j, :]
+    return dec, slot
+
+
+def _salient_logits(logits: np.ndarray, max_n_logits: int, desired_logit_prob: float):
+    """circuit-tracer's ``compute_salient_logits``: the most probable tokens until their total
+    probability reaches ``desired_logit_prob``, at most ``max_n_logits``."""
+    z = logits.astype(np.float64)
+    probs = np.exp(z - z.max())
+    probs = (probs / probs.sum()).astype(np.float32)
+    top = np.argsort(-probs, kind="stable")[:max_n_logits]
+    cut = int(np.searchsorted(np.cumsum(probs[top]), desired_logit_prob)) + 1
+    top = top[:cut]
+    return top.astype(np.int64), probs[top]
+
+
+def attribution_graph(model, transcoders: Transcoders | None, tokens, *, max_n_logits: int = 10,
+                      desired_logit_prob: float = 0.95, batch_size: int = 256) -> AttributionGraph:
+    """The attribution graph of a prompt ``tokens`` [pos] (or [1, pos]) through the local
+    replacement model of ``model`` with ``transcoders`` (one per MLP layer; None for an
+    attention-only model). Edge rows are computed ``batch_size`` target rows at a time by batched
+    vector-Jacobian products. See the module docstring for the nodes, edges and exactness."""
+    if not isinstance(max_n_logits, int) or max_n_logits < 1:
+        raise ValueError(f"max_n_logits must be an int >= 1, got {max_n_logits!r}")
+    if not 0.0 < desired_logit_prob <= 1.0:
+        raise ValueError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    tc, toks = _check_inputs(model, transcoders, tokens)
+    cfg, params = model.cfg, model.params
+    run = _clean_run(params, tc, jnp.asarray(toks), cfg=cfg)
+    n_pos, d, n_mlp = toks.shape[0], cfg.d_model, tc.n_layers
+    host = [{k: np.asarray(v) for k, v in p.items()} for p in tc.params]  # numpy copies
+
+    # active features, sorted by (layer, pos, feature)
+    feats, acts, pres = [np.zeros((0, 3), np.int64)], [np.zeros(0, np.float32)], \
+        [np.zeros(0, np.float32)]
+    for layer in range(n_mlp):
+        a = np.asarray(run["acts"][layer])  # [pos, feature]
+        pos, f = np.nonzero(a > 0)
+        feats.append(np.stack([np.full_like(pos, layer), pos, f], axis=1))
+        acts.append(a[pos, f])
+        pres.append(np.asarray(run["pres"][layer])[pos, f])
+    feats = np.concatenate(feats).astype(np.int64)
+    acts = np.concatenate(acts).astype(np.float32)
+    pres = np.concatenate(pres).astype(np.float32)
+    n_feat = len(feats)
+
+    logits_last = np.asarray(run["logits"][-1], np.float32)
+    logit_ids, logit_p = _salient_logits(logits_last, max_n_logits, desired_logit_prob)
+    W_U, b_U = np.asarray(params["unembed"]["W_U"]), np.asarray(params["unembed"]["b_U"])
+    W_dm = W_U - W_U.mean(axis=1, keepdims=True)  # demeaned unembedding [d_model, vocab]
+    b_dm = b_U - b_U.mean()
+    lnf = params.get("ln_final", {})
+    w_f = np.asarray(lnf["w"]) if cfg.normalization_type in ("LN", "RMS") else np.ones(d, np.float32)
+    b_f = np.asarray(lnf["b"]) if cfg.normalization_type == "LN" else np.zeros(d, np.float32)
+    logit_vec = (w_f[:, None] * W_dm[:, logit_ids]).T  # [logit, d_model]
+    logit_b = b_f @ W_dm[:, logit_ids] + b_dm[logit_ids]  # [logit]
+    logit_val = logits_last[logit_ids] - logits_last.mean()
+
+    n_err = n_mlp * n_pos
+    n_nodes = n_feat + n_err + n_pos + len(logit_ids)
+    tok_start, logit_start = n_feat + n_err, n_feat + n_err + n_pos
+    skips = tuple(p.get("W_skip") for p in tc.params)
+    frozen = run["frozen"]
+
+    # target rows, grouped by the layer they read: (layer, nodes, positions, vectors, biases)
+    groups = []
+    for layer in range(n_mlp):
+        sel = np.nonzero(feats[:, 0] == layer)[0]
+        if sel.size:
+            groups.append((layer, sel, feats[sel, 1], host[layer]["W_enc"][:, feats[sel, 2]].T,
+                           host[layer]["b_enc"][feats[sel, 2]]))
+    groups.append((n_mlp, logit_start + np.arange(len(logit_ids)),
+                   np.full(len(logit_ids), n_pos - 1), logit_vec, logit_b))
+
+    constant = np.zeros(n_nodes, np.float32)
+    values = np.zeros(n_nodes, np.float32)
+    values[:n_feat] = pres
+    values[logit_start:] = logit_val
+    blocks = []  # (row node indices, csr [rows, n_nodes])
+    for upto, row_nodes, rpos, rvec, rb in groups:
+        reads0 = np.asarray(run["reads0"][upto])  # [pos, d_model]
+        rvec = np.ascontiguousarray(rvec, np.float32)
+        constant[row_nodes] = np.sum(rvec * reads0[rpos], axis=-1) + rb
+        src = np.nonzero(feats[:, 0] < upto)[0]  # only earlier layers write into this read
+        dec, slot = _decoder_blocks(tc, host, feats[src], acts[src], n_pos, d)
+        fpos, fslot = jnp.asarray(feats[src, 1]), jnp.asarray(slot)
+        for s in range(0, len(row_nodes), batch_size):
+            n = min(batch_size, len(row_nodes) - s)
+            p_chunk = np.zeros(batch_size, np.int32)
+            p_chunk[:n] = rpos[s:s + n]
+            v_chunk = np.zeros((batch_size, d), np.float32)
+            v_chunk[:n] = rvec[s:s + n]
+            fe, err, tok = _edge_rows(params, frozen, skips, run["tokvec"], run["errors"], dec,
+                                      fpos, fslot, p_chunk, v_chunk, cfg=cfg, upto=upto)
+            chunk = np.zeros((n, n_nodes), np.float32)
+            chunk[:, src] = np.asarray(fe)[:n]
+            chunk[:, n_feat:tok_start] = np.asarray(err)[:n]
+            chunk[:, tok_start:logit_start] = np.asarray(tok)[:n]
+            blocks.append((row_nodes[s:s + n], sp.csr_matrix(chunk)))
+    adjacency = _stack_rows(blocks, n_nodes)
+    error_norms = np.linalg.norm(np.asarray(run["errors"]), axis=-1)  # [layer, pos]
+    settings = {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob,
+                "batch_size": batch_size, "architecture": tc.architecture,
+                "cross_layer": tc.cross_layer, "skip": tc.skip}
+    return AttributionGraph(adjacency, constant, values, toks, feats, acts, logit_ids, logit_p,
+                            n_mlp, error_norms, settings)
+
+
+def _stack_rows(blocks, n_nodes: int) -> sp.csr_matrix:
+    """A [node, node] CSR from row blocks [(row node indices (increasing), csr)]; rows that no
+    block gives (error and token nodes) are empty."""
+    counts = np.zeros(n_nodes, np.int64)
+    for rows, m in blocks:
+        counts[rows] = np.diff(m.indptr)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    nnz = int(indptr[-1])
+    indices = np.empty(nnz, np.int32)
+    data = np.empty(nnz, np.float32)
+    for rows, m in blocks:
+        if m.nnz:
+            start = indptr[rows[0]]
+            indices[start:start + m.nnz] = m.indices
+            data[start:start + m.nnz] = m.data
+    return sp.csr_matrix((data, indices, indptr), shape=(n_nodes, n_nodes))
+
+
+# ----------------------------------------------------------------------------- pruning, scores
+def _as_csr(adjacency) -> sp.csr_matrix:
+    if sp.issparse(adjacency):
+        return sp.csr_matrix(adjacency, dtype=np.float32)
+    a = np.asarray(adjacency, np.float32)
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"an adjacency must be square [node, node], got shape {a.shape}")
+    return sp.csr_matrix(a)
+
+
+def _normalize(A: sp.csr_matrix) -> sp.csr_matrix:
+    """|A| with every row scaled to sum 1 (rows of zeros stay zero)."""
+    a = abs(A).astype(np.float32)
+    sums = np.asarray(a.sum(axis=1), np.float32).ravel()
+    scale = (1.0 / np.maximum(sums, np.float32(1e-10))).astype(np.float32)
+    a.data *= np.repeat(scale, np.diff(a.indptr))
+    return a
+
+
+def _influence(An: sp.csr_matrix, w: np.ndarray, max_iter: int = 1000) -> np.ndarray:
+    """w A + w A^2 + ... = w ((I - A)^-1 - I), summed until the product is zero (a DAG)."""
+    At = An.T.tocsr()
+    cur = At @ w
+    total = cur.copy()
+    for _ in range(max_iter):
+        if not cur.any():
+            return total
+        cur = At @ cur
+        total += cur
+    raise RuntimeError(f"influence did not converge in {max_iter} steps: the graph has a cycle")
+
+
+def node_influence(graph: AttributionGraph, adjacency=None) -> np.ndarray:
+    """[node]: each node's influence on the logits, w ((I - A)^-1 - I) (A row-normalised |adjacency|)."""
+    A = graph.adjacency if adjacency is None else _as_csr(adjacency)
+    return _influence(_normalize(A), graph.logit_weights())
+
+
+def _threshold(scores: np.ndarray, fraction: float) -> float:
+    """circuit-tracer's ``find_threshold``: the score at which the largest scores, summed in
+    decreasing order, first reach ``fraction`` of the total. Exact; for many scores it sorts only
+    the scores in the bin (by float32 exponent and 7 mantissa bits) where the sum crosses."""
+    s = np.ascontiguousarray(scores, np.float32).ravel()
+    if s.size == 0:
+        return math.inf
+    total = float(s.sum(dtype=np.float64))
+    if s.size <= 1 << 16 or total <= 0:
+        srt = -np.sort(-s)
+        cum = np.cumsum(srt, dtype=np.float64) / (total if total > 0 else 1.0)
+        return float(srt[min(int(np.searchsorted(cum, fraction)), s.size - 1)])
+    bins = s.view(np.uint32) >> 16  # monotone in the value for s >= 0
+    mass = np.bincount(bins, weights=s, minlength=1 << 16)[::-1]  # from the largest bin down
+    cum = np.cumsum(mass) / total
+    j = min(int(np.searchsorted(cum, fraction)), int(np.nonzero(mass)[0][-1]))
+    b = (1 << 16) - 1 - j
+    above = cum[j - 1] * total if j else 0.0
+    cand = -np.sort(-s[bins == b])
+    cum_c = (above + np.cumsum(cand, dtype=np.float64)) / total
+    return float(cand[min(int(np.searchsorted(cum_c, fraction)), cand.size - 1)])
+
+
+@dataclass(frozen=True, eq=False)
+class PruneResult:
+    """``node_mask`` [node]; ``edge_mask`` [nnz] over ``graph.adjacency``'s stored entries (CSR
+    order); ``cumulative_scores`` [node] (a node's rank as the cumulative share of influence);
+    ``influence`` [node]."""
+
+    graph: AttributionGraph
+    node_mask: np.ndarray
+    edge_mask: np.ndarray
+    cumulative_scores: np.ndarray
+    influence: np.ndarray
+    node_threshold: float
+    edge_threshold: float
+
+    @property
+    def adjacency(self) -> sp.csr_matrix:
+        """The pruned adjacency [node, node] (the kept edges' weights)."""
+        A = self.graph.adjacency
+        return sp.csr_matrix((np.where(self.edge_mask, A.data, np.float32(0)), A.indices,
+                              A.indptr), shape=A.shape)
+
+    def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(targets, sources, weights) of the kept edges."""
+        A = self.graph.adjacency
+        rows = np.repeat(np.arange(A.shape[0]), np.diff(A.indptr))
+        return rows[self.edge_mask], A.indices[self.edge_mask], A.data[self.edge_mask]
+
+    @property
+    def nodes(self) -> np.ndarray:
+        return np.nonzero(self.node_mask)[0]
+
+
+def _check_fraction(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
+    return float(value)
+
+
+def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8,
+                edge_threshold: float = 0.98) -> PruneResult:
+    """circuit-tracer's ``prune_graph``: keep the nodes holding ``node_threshold`` of the
+    influence on the logits (tokens and logits always), then the edges holding ``edge_threshold``
+    of the edge influence in the graph of those nodes; then drop, until nothing changes, feature
+    and error nodes left without a kept outgoing edge and feature nodes without a kept incoming
+    edge (and those nodes' edges)."""
+    node_threshold = _check_fraction(node_threshold, "node_threshold")
+    edge_threshold = _check_fraction(edge_threshold, "edge_threshold")
+    A = graph.adjacency
+    n = A.shape[0]
+    w = graph.logit_weights()
+    infl = _influence(_normalize(A), w)
+    node_mask = infl >= _threshold(infl, node_threshold)
+    node_mask[graph.token_start:] = True
+    rows = np.repeat(np.arange(n), np.diff(A.indptr))
+    cols = A.indices
+    inside = node_mask[rows] & node_mask[cols]
+    P = sp.csr_matrix((np.where(inside, A.data, np.float32(0)), cols, A.indptr), shape=A.shape)
+    Pn = _normalize(P)
+    out_infl = _influence(Pn, w) + w
+    scores = Pn.data * out_infl[rows]  # edge influence, over A's stored entries
+    edge_mask = inside & (scores >= _threshold(scores[inside], edge_threshold))
+    n_feat, tok_start = graph.n_features, graph.token_start
+    while True:
+        old = node_mask.copy()
+        has_out = np.bincount(cols[edge_mask], minlength=n) > 0
+        has_in = np.bincount(rows[edge_mask], minlength=n) > 0
+        node_mask[:tok_start] &= has_out[:tok_start]
+        node_mask[:n_feat] &= has_in[:n_feat]
+        edge_mask &= node_mask[rows] & node_mask[cols]
+        if np.array_equal(old, node_mask):
+            break
+    order = np.argsort(-infl, kind="stable")
+    total = infl.sum(dtype=np.float64)
+    cumulative = np.zeros(n, np.float32)
+    cumulative[order] = np.cumsum(infl[order], dtype=np.float64) / (total if total > 0 else 1.0)
+    return PruneResult(graph, node_mask, edge_mask, cumulative, infl, node_threshold,
+                       edge_threshold)
+
+
+@dataclass(frozen=True)
+class GraphScores:
+    """``replacement``: the share of the end-to-end influence of the tokens versus the error
+    nodes (1: every path from the logits back ends at a token, not an error). ``completeness``:
+    the influence-weighted share of each node's normalised inputs that comes from non-error nodes."""
+
+    replacement: float
+    completeness: float
+
+
+def graph_scores(graph: AttributionGraph, pruned: PruneResult | None = None) -> GraphScores:
+    """circuit-tracer's ``compute_graph_scores`` on the graph (or on its pruned adjacency)."""
+    A = graph.adjacency if pruned is None else pruned.adjacency
+    An = _normalize(A)
+    w = graph.logit_weights()
+    infl = _influence(An, w)
+    tok = float(infl[graph.token_start:graph.logit_start].sum(dtype=np.float64))
+    err = float(infl[graph.error_start:graph.token_start].sum(dtype=np.float64))
+    replacement = tok / (tok + err) if tok + err > 0 else float("nan")
+    err_cols = np.zeros(graph.n_nodes, np.float32)
+    err_cols[graph.error_start:graph.token_start] = 1.0
+    non_error = 1.0 - An @ err_cols  # [node]
+    out = infl + w
+    completeness = float((non_error * out).sum(dtype=np.float64) / out.sum(dtype=np.float64))
+    return GraphScores(replacement, completeness)
