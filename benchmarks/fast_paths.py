@@ -33,7 +33,7 @@ import tinyinterp
 from tinyinterp import fast
 from tinyinterp.model import forward, forward_with_cache
 
-PATHS = ("numba", "fused", "packed", "writes", "split", "out_kernel")
+PATHS = ("numba", "fused", "packed", "qkv_kernel", "writes", "split", "out_kernel")
 
 
 def workloads(batch: int, pos: int):

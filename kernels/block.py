@@ -10,10 +10,9 @@ any of the sublayer's hook points; XLA runs the rest of the model (and every bac
 side pairs this kernel with the unfused reference: ``tinyinterp.fast.sublayer``,
 ``with_reference_grad``).
 
-Below it, a row-chunked kernel for runs that read hook_result (a cache): ``attention_out_fwd``
-writes hook_result and the summed attention output, with the same register tiles. (A kernel that
-wrote q, k, v for caches of them gained 7-11% on those caches only and was removed: under 10% on
-every workload, benchmarks/fast_paths.py.)
+Below it, two row-chunked kernels for runs that read hook points inside the sublayer (a cache):
+``qkv_fwd`` writes q, k, v from the normalized residual, ``attention_out_fwd`` writes hook_result
+and the summed attention output. They use the same register tiles.
 
 The fused kernel writes no hook points: a variant that also wrote the sublayer's activations for
 a cache was slower than the unfused cache path (full cache of the 2-layer benchmark model: 7.7-10.2 ms
@@ -261,6 +260,34 @@ def _chunk(x, width, n_rows, item, pad):
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def qkv_fwd(x, W, bias, q, k, v, counter, first):
+    """q, k, v [rows, n] = x [rows, d_model] @ W [d_model, 3 * n] + bias [3 * n], the columns
+    of W and bias being q's, then k's, then v's (tinyinterp.fast.sublayer._packed_weights, the
+    norm's weight and bias folded in); n (= head_index * d_head) a multiple of 16.
+
+    XLA runs these as three [rows, d_model + 1] @ [d_model + 1, n] matmuls (the bias as a row
+    against a column of ones); here the same 8-row tiles as the fused sublayer write the three
+    outputs (4096 rows, d_model 64, n 64: 0.41 ms against XLA's 0.68)."""
+    n_rows, d_model = x.shape
+    n = q.shape[1]
+    n_items = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+    x_flat = x.reshape(n_rows * d_model)
+    w_flat = W.reshape(d_model * 3 * n)
+    outs = (q.reshape(n_rows * n), k.reshape(n_rows * n), v.reshape(n_rows * n))
+    pad = np.zeros(CHUNK_ROWS * d_model, np.float32)
+    tile = np.empty(_ROWS * n, np.float32)
+    item, count = first, 0
+    while item < n_items:
+        r0, rows, xs, xo = _chunk(x_flat, d_model, n_rows, item, pad)
+        for c in range(3):
+            _matmul(xs, xo, d_model, rows, d_model, w_flat, c * n, 3 * n, n, bias, c * n,
+                    outs[c], r0 * n, n, tile)
+        count += 1
+        item = claim(counter)
+    return count
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def attention_out_fwd(z, W_O, b_O, result, out, counter, first):
     """The attention output when its per-head results are cached too: for every row r of
     z [rows, head, d_head] (rows = batch * pos),
@@ -328,6 +355,17 @@ def _run_sublayer_fwd(bufs, shapes, scale, counter, first):
 
 
 @njit(cache=True, inline="always")
+def _run_qkv_fwd(bufs, shapes, scale, counter, first):
+    """args x [b, pos, d_model], W [d_model, 3n], bias [3n]; rets q, k, v [b, pos, h, d]."""
+    sx = shapes[0]
+    n_rows, d_model = sx[0] * sx[1], sx[2]
+    n = bufs[3].shape[0] // n_rows
+    return qkv_fwd(bufs[0].reshape((n_rows, d_model)), bufs[1].reshape((d_model, 3 * n)),
+                   bufs[2], bufs[3].reshape((n_rows, n)), bufs[4].reshape((n_rows, n)),
+                   bufs[5].reshape((n_rows, n)), counter, first)
+
+
+@njit(cache=True, inline="always")
 def _run_attention_out_fwd(bufs, shapes, scale, counter, first):
     """args z [b, pos, h, d], W_O [h, d, d_model], b_O [d_model]; rets result
     [b, pos, h, d_model], out [b, pos, d_model]."""
@@ -341,5 +379,6 @@ def _run_attention_out_fwd(bufs, shapes, scale, counter, first):
 
 # FfiKernel(args ranks, rets ranks, scale, batched, split buffer, items, run)
 SUBLAYER_FWD = FfiKernel((3, 2, 1, 3, 1, 1), (3,), False, False, 0, _row_items, _run_sublayer_fwd)
+QKV_FWD = FfiKernel((3, 2, 1), (4, 4, 4), False, False, 0, _chunk_items, _run_qkv_fwd)
 ATTENTION_OUT_FWD = FfiKernel((4, 3, 1), (4, 3), False, False, 0, _chunk_items,
                               _run_attention_out_fwd)

@@ -81,6 +81,7 @@ from .targets import (
     ATTENTION_FWD_PACKED,
     ATTENTION_OUT_FWD,
     KERNELS,
+    QKV_FWD,
     SCORES_BWD,
     SCORES_FWD,
     SUBLAYER_FWD,
@@ -693,6 +694,10 @@ def attention_out_fwd_entry(frame, scale, counter, first):
     return _entry(frame, scale, counter, first, block.ATTENTION_OUT_FWD)
 
 
+def qkv_fwd_entry(frame, scale, counter, first):
+    return _entry(frame, scale, counter, first, block.QKV_FWD)
+
+
 # target (kernels/targets.py) -> its entry. Each is compiled (or loaded from Numba's cache) on its
 # first use only: compiling an entry links a whole kernel into it, ~3-5 s each.
 ENTRIES = {
@@ -706,6 +711,7 @@ ENTRIES = {
     APPLY_BWD: apply_bwd_entry,
     SUBLAYER_FWD: sublayer_fwd_entry,
     ATTENTION_OUT_FWD: attention_out_fwd_entry,
+    QKV_FWD: qkv_fwd_entry,
 }
 assert tuple(ENTRIES) == TARGETS, "kernels/targets.py and ENTRIES must list the same targets"
 assert all(len(k.args) + len(k.rets) <= MAX_BUFFERS for k in (

@@ -16,6 +16,7 @@ APPLY_FWD = "tinyinterp_apply_fwd"
 APPLY_BWD = "tinyinterp_apply_bwd"
 SUBLAYER_FWD = "tinyinterp_attention_block_fwd"
 ATTENTION_OUT_FWD = "tinyinterp_attention_out_fwd"
+QKV_FWD = "tinyinterp_qkv_fwd"
 
 # target -> (kernel module, the name of its FfiKernel description there): what each computes.
 KERNELS: dict[str, tuple[str, str]] = {
@@ -29,5 +30,6 @@ KERNELS: dict[str, tuple[str, str]] = {
     APPLY_BWD: ("attention", "APPLY_BWD"),
     SUBLAYER_FWD: ("block", "SUBLAYER_FWD"),  # the whole attention sublayer, fused
     ATTENTION_OUT_FWD: ("block", "ATTENTION_OUT_FWD"),  # hook_result and the summed output
+    QKV_FWD: ("block", "QKV_FWD"),  # q, k, v from the normalized residual
 }
 TARGETS = tuple(KERNELS)

@@ -18,8 +18,9 @@ def scenario(plan: Plan, layer: int) -> tuple[list[str], list[tuple[str, object]
     if plan.route == "fused":
         return [], [], "numba"
     names, hooks = [f"{a}.hook_z"], []  # something inside the sublayer is read: not fused
-    if plan.qkv == "jnp":  # read q, k, v, and edit k
+    if plan.qkv == "kernel":
         names += [f"{a}.hook_q", f"{a}.hook_k", f"{a}.hook_v"]
+    elif plan.qkv == "jnp":
         hooks.append((f"{a}.hook_k", identity))
     if plan.core == "writes":
         names += [f"{a}.hook_attn_scores", f"{a}.hook_pattern"]

@@ -31,6 +31,7 @@ needs_numba = pytest.mark.skipif(NUMBA_PROBLEM is not None,
 NORMS = NORMALIZATION_TYPES
 TARGET = "tinyinterp_attention_block_fwd"
 OUT_TARGET = "tinyinterp_attention_out_fwd"
+QKV_TARGET = "tinyinterp_qkv_fwd"
 
 
 def _reference(resid, W, bias, W_O, b_O, scale, eps, norm):
@@ -359,8 +360,9 @@ def test_gradients_through_cached_result_are_the_references(case):
 
 @needs_numba
 def test_row_kernels_vmap_and_unsupported_shapes():
-    """vmap over two parameter sets runs the attention-output kernel once per set; a d_model that
-    is not whole 16-float vectors takes the jnp path. Both agree with the jnp path."""
+    """vmap over two parameter sets runs the q/k/v and attention-output kernels once per set;
+    d_model and head_index * d_head that are not whole 16-float vectors take the jnp path. Both
+    agree with the jnp path."""
     cfg = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_head=16, d_vocab=11, n_ctx=9,
                             attn_only=True, attention_backend="numba")
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (3, 9)), jnp.int32)
@@ -370,7 +372,7 @@ def test_row_kernels_vmap_and_unsupported_shapes():
                            _perturbed_params(cfg, 2))
     batched = jax.jit(jax.vmap(lambda p: forward_with_cache(p, cfg, tokens, names)[1]))
     hlo = batched.lower(stacked).compile().as_text()
-    assert OUT_TARGET in hlo
+    assert OUT_TARGET in hlo and QKV_TARGET in hlo
     got = batched(stacked)
     for i in range(2):
         p = jax.tree.map(lambda x, i=i: x[i], stacked)
@@ -381,4 +383,73 @@ def test_row_kernels_vmap_and_unsupported_shapes():
     odd = dataclasses.replace(cfg, d_model=24, d_head=12)
     fn = jax.jit(lambda p: forward_with_cache(p, odd, tokens, names)[1])
     hlo = fn.lower(_perturbed_params(odd, 1)).compile().as_text()
-    assert OUT_TARGET not in hlo
+    assert OUT_TARGET not in hlo and QKV_TARGET not in hlo
+
+
+# ---- qkv_fwd: q, k, v written separately, for caches and hooks that read them ------------------
+
+
+@needs_numba
+@settings(max_examples=30, deadline=None)
+@given(n_rows=st.integers(1, 150), heads=_heads(), d_model=st.integers(1, 70),
+       seed=st.integers(0, 2**16))
+def test_qkv_kernel_matches_float64_reference(n_rows, heads, d_model, seed):
+    """Row counts that are not whole tiles or chunks, any d_model, q/k/v widths that use the
+    48-column tiles, the 16-column tiles or both."""
+    from tinyinterp.kernels.block import CHUNK_ROWS, qkv_fwd
+
+    n_heads, d_head = heads
+    n = n_heads * d_head
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_rows, d_model)).astype(np.float32)
+    W = (rng.standard_normal((d_model, 3 * n)) / np.sqrt(d_model)).astype(np.float32)
+    bias = rng.standard_normal(3 * n).astype(np.float32)
+    outs = [np.full((n_rows, n), np.nan, np.float32) for _ in range(3)]
+    done = qkv_fwd(x, W, bias, *outs, np.ones(1, np.int64), 0)
+    assert done == -(-n_rows // CHUNK_ROWS)
+    want = x.astype(np.float64) @ W.astype(np.float64) + bias
+    for i, got in enumerate(outs):
+        np.testing.assert_allclose(got, want[:, i * n:(i + 1) * n], rtol=1e-5, atol=1e-5)
+
+
+@needs_numba
+def test_qkv_under_xla_is_bitwise_the_direct_call():
+    from tinyinterp.kernels.block import CHUNK_ROWS, qkv_fwd
+
+    n_batch, n_pos, d_model, n_heads, d_head = 5, 31, 40, 3, 16
+    assert n_batch * n_pos > 2 * CHUNK_ROWS
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((n_batch, n_pos, d_model)).astype(np.float32)
+    W = rng.standard_normal((d_model, 3 * n_heads * d_head)).astype(np.float32)
+    bias = rng.standard_normal(3 * n_heads * d_head).astype(np.float32)
+    got = jax.jit(attention.qkv_fwd, static_argnums=3)(x, W, bias, n_heads)
+    outs = [np.empty((n_batch * n_pos, n_heads * d_head), np.float32) for _ in range(3)]
+    qkv_fwd(x.reshape(-1, d_model), W, bias, *outs, np.ones(1, np.int64), 0)
+    for g, o in zip(got, outs, strict=True):
+        np.testing.assert_array_equal(np.asarray(g).reshape(o.shape), o)
+
+
+@needs_numba
+@settings(max_examples=3, deadline=None)
+@given(case=_model_case(), which=st.sampled_from(["q", "qkv", "v+pattern"]))
+def test_cached_qkv_matches_reference_paths(case, which):
+    """A cache of q, k or v takes the kernel; the jnp path (XLA matmuls) is forced by identity
+    hooks on q, k, v. With the pattern cached too, the attention after it is the one a cache of
+    the pattern takes."""
+    cfg, tokens, seed = case
+    names = {"q": [f"blocks.{i}.attn.hook_q" for i in range(cfg.n_layers)],
+             "qkv": _qkv_names(cfg),
+             "v+pattern": [f"blocks.{i}.attn.hook_{c}" for i in range(cfg.n_layers)
+                           for c in ("v", "pattern")]}[which]
+    _check_cache_paths(cfg, tokens, _perturbed_params(cfg, seed), names,
+                       _identity_hooks(_qkv_names(cfg)), QKV_TARGET)
+
+
+@needs_numba
+@settings(max_examples=2, deadline=None)
+@given(case=_model_case())
+def test_gradients_through_cached_qkv_are_the_references(case):
+    cfg, tokens, seed = case
+    names = _qkv_names(cfg)
+    _check_cache_gradients(cfg, tokens, _perturbed_params(cfg, seed), names,
+                           _identity_hooks(names), QKV_TARGET)

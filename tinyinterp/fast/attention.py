@@ -13,8 +13,8 @@ with a fused backward kernel that recomputes the probabilities (``jax.custom_vjp
 ``causal_attention_with_pattern`` also writes the scores and/or the pattern (for a cache that reads
 them); ``packed_causal_attention`` reads q, k, v packed in one [batch, pos, 3, head_index, d_head]
 array and returns one packed gradient; ``attention_scores`` and ``apply_pattern`` are the two halves
-around the softmax, for runs whose hooks edit the scores or the pattern. ``attention_block_fwd``
-and ``attention_out_fwd`` are forward-only kernels that ``tinyinterp.fast.sublayer``
+around the softmax, for runs whose hooks edit the scores or the pattern. ``attention_block_fwd``,
+``qkv_fwd`` and ``attention_out_fwd`` are forward-only kernels that ``tinyinterp.fast.sublayer``
 pairs with the jnp they replace.
 
 Dtypes: the Numba kernels compute in float32 and these functions raise ``TypeError`` for any other
@@ -493,3 +493,17 @@ def attention_out_fwd(z: jax.Array, W_O: jax.Array, b_O: jax.Array
            jax.ShapeDtypeStruct((n_batch, n_pos, d_model), f32))
     return ffi.call(ffi.ATTENTION_OUT_FWD, out, vmap_method="sequential")(
         z.astype(f32), W_O.astype(f32), b_O.astype(f32))
+
+
+def qkv_fwd(x: jax.Array, W: jax.Array, bias: jax.Array, n_heads: int
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k, v [batch, pos, head_index, d_head] = x @ W + bias split three ways (Numba backend,
+    kernels/block.py): x [batch, pos, d_model], W [d_model, 3 * head_index * d_head] and bias
+    [3 * head_index * d_head] with q's columns first, then k's, then v's, each head-major. No
+    autodiff rule of its own: tinyinterp.fast.sublayer pairs it with the jnp reference."""
+    f32 = jnp.float32
+    n_batch, n_pos, _ = x.shape
+    d_head = W.shape[1] // (3 * n_heads)
+    shape = jax.ShapeDtypeStruct((n_batch, n_pos, n_heads, d_head), f32)
+    return ffi.call(ffi.QKV_FWD, (shape, shape, shape), vmap_method="sequential")(
+        x.astype(f32), W.astype(f32), bias.astype(f32))

@@ -11,11 +11,14 @@ lasts for the process. The target names come from the one table in ``kernels/tar
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import threading
+import warnings
 
 import jax
+import jax.numpy as jnp
 
 from tinyinterp.kernels import xla_ffi_abi
 from tinyinterp.kernels.targets import (  # noqa: F401 - the names the JAX side calls targets by
@@ -26,6 +29,7 @@ from tinyinterp.kernels.targets import (  # noqa: F401 - the names the JAX side 
     ATTENTION_FWD,
     ATTENTION_FWD_PACKED,
     ATTENTION_OUT_FWD,
+    QKV_FWD,
     SCORES_BWD,
     SCORES_FWD,
     SUBLAYER_FWD,
@@ -103,9 +107,111 @@ def call(target: str, out, *, vmap_method: str = "broadcast_all"):
 
     vmap_method "broadcast_all" suits the attention kernels, whose handlers fold every leading
     dimension into the batch (one launch for a vmapped call); kernels that also take weights, which
-    may be vmapped too, use "sequential" (one call per vmapped element)."""
+    may be vmapped too, use "sequential" (one call per vmapped element).
+
+    Every call goes through here, so every kernel gets the same two things for free:
+
+    * inside ``jax.shard_map`` its results are typed as varying over the manual axes its
+      arguments vary over (``typed_like_inputs``), as the jnp it replaces would be;
+    * under plain ``jax.jit`` with arguments on a multi-device mesh, it runs on each device's
+      shard of the batch (``batch_local``) rather than on the whole batch gathered to every
+      device. Every result leads with the batch; so does every argument of a "broadcast_all"
+      kernel, and the first argument (the activations) of a "sequential" one, whose others are
+      weights."""
     from tinyinterp.kernels.ffi import attributes
 
-    fn = jax.ffi.ffi_call(ensure_registered(target), out, vmap_method=vmap_method)
     attrs = attributes(target)
-    return lambda *args, **kwargs: fn(*args, **attrs, **kwargs)
+    ensure_registered(target)
+    batched = None if vmap_method == "broadcast_all" else (0,)  # which arguments lead with the batch
+
+    def local(out, *args, **kwargs):
+        args, typed = typed_like_inputs(args, out)
+        return jax.ffi.ffi_call(target, typed, vmap_method=vmap_method)(*args, **attrs, **kwargs)
+
+    return lambda *args, **kwargs: batch_local(functools.partial(local, **kwargs), args, out,
+                                               batched, target)
+
+
+_warned_replicated: set[str] = set()
+
+
+def batch_local(fn, args: tuple, out, batched: tuple[int, ...] | None, name: str):
+    """``fn(out, *args)`` (``out``: the results' ShapeDtypeStructs), run by ``jax.shard_map`` on each device's part of the batch when the
+    arguments live on a mesh whose non-manual axes span several devices (plain ``jax.jit`` of
+    sharded inputs). XLA cannot partition a custom call: left alone, it gathers the operands to
+    the full batch on every device and each device repeats the whole kernel.
+
+    Which mesh axes split the batch: on an Explicit mesh, those the batch arguments are already
+    split over (none: the data is replicated and so is the work, as for jnp); on an Auto mesh,
+    every axis (XLA moves the data to match, as it would for any op it partitions). A batch the
+    devices do not divide runs whole on each device, with one warning per kernel."""
+    batched = range(len(args)) if batched is None else batched
+    lead = [args[i] for i in batched]
+    meshes = [jax.typeof(a).sharding.mesh for a in lead]
+    mesh = next((m for m in meshes if not m.empty), None)
+    if mesh is None or mesh.size == 1:
+        return fn(out, *args)
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    explicit = {n for a in lead for n in _leading_axes(jax.typeof(a).sharding.spec)
+                if types[n] == jax.sharding.AxisType.Explicit}
+    axes = tuple(n for n in mesh.axis_names if mesh.shape[n] > 1 and (
+        n in explicit or types[n] == jax.sharding.AxisType.Auto))
+    if not axes:
+        return fn(out, *args)
+    n_dev = 1
+    for n in axes:
+        n_dev *= mesh.shape[n]
+    if any(jnp.shape(a)[0] % n_dev for a in lead):
+        if name not in _warned_replicated:
+            _warned_replicated.add(name)
+            warnings.warn(
+                f"tinyinterp: the Numba kernel {name} gets a batch of {jnp.shape(lead[0])[0]} on "
+                f"mesh axes {axes} ({n_dev} devices), which do not divide it: every device runs "
+                "the whole batch. Use a batch the devices divide, or attention_backend='xla'.",
+                RuntimeWarning, stacklevel=3)
+        return fn(out, *args)
+    batch = jax.sharding.PartitionSpec(axes)
+    whole = jax.sharding.PartitionSpec()
+    in_specs = tuple(batch if i in batched else whole for i in range(len(args)))
+    out_specs = (tuple(batch for _ in out) if isinstance(out, (tuple, list)) else batch)
+    def part(s):  # a result's per-device shape
+        return jax.ShapeDtypeStruct((s.shape[0] // n_dev, *s.shape[1:]), s.dtype)
+
+    local_out = tuple(map(part, out)) if isinstance(out, (tuple, list)) else part(out)
+    return jax.shard_map(functools.partial(fn, local_out), mesh=mesh, in_specs=in_specs,
+                         out_specs=out_specs, axis_names=frozenset(axes))(*args)
+
+
+def _leading_axes(spec) -> tuple:
+    """The mesh axes a PartitionSpec splits its first dimension over."""
+    if not spec or spec[0] is None:
+        return ()
+    return spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+
+
+def typed_like_inputs(args: tuple, out):
+    """(args, out) with every result typed as varying over the manual mesh axes (shard_map's)
+    that any argument varies over, and each argument cast (``jax.lax.pcast``, a no-op on the
+    values) to vary over them all, as an elementwise primitive's result would.
+
+    XLA's FFI takes the result types as given, and a plain ShapeDtypeStruct says "the same on
+    every device": inside ``jax.shard_map`` a kernel's per-device results would then be typed as
+    replicated, so ``jax.grad`` fails the custom_vjp type check (check_vma=True) and a wrong
+    ``out_specs=P()`` returns one device's shard silently. Typed here, they behave as the jnp they
+    replace. Outside shard_map (no manual axes) nothing changes."""
+    varying = frozenset().union(*(jax.typeof(a).mat.varying for a in args))
+    if not varying:
+        return args, out
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(n for n in mesh.axis_names if n in varying)  # in the mesh's order
+    args = tuple(a if jax.typeof(a).mat.varying == varying
+                 else jax.lax.pcast(a, tuple(n for n in axes if n not in jax.typeof(a).mat.varying),
+                                    to="varying")
+                 for a in args)
+    mat = jax.sharding.ManualAxisType(varying=varying)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def typed(s):
+        return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding, manual_axis_type=mat)
+
+    return args, (tuple(typed(s) for s in out) if isinstance(out, (tuple, list)) else typed(out))

@@ -11,7 +11,8 @@ shape and its dtype, and nothing else:
     route "kernels"  the sublayer step by step, visiting its hook points, with Numba kernels for:
       qkv  "packed"  q, k, v made by one matmul into one [batch, pos, 3, head, d_head] array that
                      the attention kernels read in place (nobody reads q, k or v)
-           "jnp"     q, k, v by one jnp matmul (norm folded in) and sliced: a run reads or edits them
+           "kernel"  q, k, v written by a kernel (a cache reads them; nobody edits them)
+           "jnp"     q, k, v by one jnp matmul (norm folded in) and sliced: a run edits them
       core "fused"   attention without ever building the pattern (nobody reads it)
            "writes"  the fused kernel also writes the scores / pattern a cache reads
            "split"   scores and z by two kernels around the plain softmax (a hook edits them)
@@ -42,7 +43,7 @@ MIN_FUSED_BATCH = 2  # the fused kernel's work items are batch rows: fewer leave
 @dataclass(frozen=True)
 class Plan:
     route: str  # "plain" | "fused" | "kernels"
-    qkv: str = ""  # route "kernels": "packed" | "jnp"
+    qkv: str = ""  # route "kernels": "packed" | "kernel" | "jnp"
     core: str = ""  # route "kernels": "fused" | "writes" | "split"
     out: str = ""  # route "kernels": "kernel" | "jnp"
 
@@ -55,7 +56,7 @@ class Plan:
 PLAIN, FUSED = Plan("plain"), Plan("fused")
 PLANS = (PLAIN, FUSED) + tuple(
     Plan("kernels", qkv, core, out)
-    for qkv, core, out in itertools.product(("packed", "jnp"), ("fused", "writes", "split"),
+    for qkv, core, out in itertools.product(("packed", "kernel", "jnp"), ("fused", "writes", "split"),
                                             ("kernel", "jnp"))
     if not (qkv == "packed" and core == "split"))  # a hook editing scores takes separate q, k, v
 
@@ -65,10 +66,10 @@ _off = threading.local()
 
 @contextlib.contextmanager
 def disabled(*paths: str):
-    """Plan without the named fast paths while the block runs ("fused", "packed", "writes",
-    "split", "out_kernel", or "numba" for all of them). Only traces made inside the
+    """Plan without the named fast paths while the block runs ("fused", "packed", "qkv_kernel",
+    "writes", "split", "out_kernel", or "numba" for all of them). Only traces made inside the
     block see it: use a fresh ``jax.jit`` inside it."""
-    known = {"fused", "packed", "writes", "split", "out_kernel", "numba"}
+    known = {"fused", "packed", "qkv_kernel", "writes", "split", "out_kernel", "numba"}
     if not set(paths) <= known:
         raise ValueError(f"unknown fast paths {sorted(set(paths) - known)}; known: {sorted(known)}")
     before = getattr(_off, "paths", frozenset())
@@ -113,6 +114,9 @@ def plan_sublayer(backend: str, cfg: TransformerConfig, hp: HookContext, layer: 
         return PLAIN
     if not any(hp.wants(n) for n in qkv_names) and not edits_sp and "packed" not in off:
         qkv = "packed"
+    elif (not any(hp.replaces(n) for n in qkv_names) and (cfg.n_heads * cfg.d_head) % LANES == 0
+          and "qkv_kernel" not in off):
+        qkv = "kernel"
     else:
         qkv = "jnp"
     r = f"{a}.hook_result"

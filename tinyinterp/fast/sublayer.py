@@ -86,6 +86,14 @@ def _fused(p: dict, resid: jax.Array, cfg: TransformerConfig) -> jax.Array:
                                        norm=cfg.normalization_type)
 
 
+def _qkv_reference(x: Float[Array, "batch pos d_model"], W: Float[Array, "d_model n_qkv"],
+                   b: Float[Array, " n_qkv"], n_heads: int):
+    """q, k, v = x @ W + b split three ways: [batch, pos, d_model] -> 3 x [batch, pos, head, d_head]
+    (one 2-D matmul [batch*pos, d_model] @ [d_model, 3*head*d_head], then sliced)."""
+    qkv = spec.linear(x, W, b).reshape(*x.shape[:2], 3, n_heads, -1)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
 def _out_reference(z: Float[Array, "batch pos head d_head"], W_O: Float[Array, "head d_head d_model"],
                    b_O: Float[Array, " d_model"]):
     """(hook_result [batch, pos, head, d_model], the summed output [batch, pos, d_model])."""
@@ -96,9 +104,8 @@ def _out_reference(z: Float[Array, "batch pos head d_head"], W_O: Float[Array, "
 def _summed_out(z: Float[Array, "batch pos head d_head"], W_O: Float[Array, "head d_head d_model"],
                 b_O: Float[Array, " d_model"]) -> Float[Array, "batch pos d_model"]:
     """sum_h z_h @ W_O[h] + b_O as one matmul [batch*pos, head*d_head] @ [head*d_head, d_model]."""
-    b, n, h, d = z.shape
-    out = z.reshape(b * n, h * d) @ W_O.reshape(h * d, W_O.shape[-1]) + b_O[None]
-    return out.reshape(b, n, -1)
+    b, n, h, d = z.shape  # (reshapes that keep the batch axis whole: Explicit meshes split it)
+    return spec.linear(z.reshape(b, n, h * d), W_O.reshape(h * d, W_O.shape[-1]), b_O)
 
 
 def _kernels(plan: Plan, p: dict, resid: jax.Array, layer: int, cfg: TransformerConfig,
@@ -111,7 +118,7 @@ def _kernels(plan: Plan, p: dict, resid: jax.Array, layer: int, cfg: Transformer
     if plan.qkv == "packed":  # q, k, v never leave the packed array
         W, bias = _packed_weights(pa, ln, cfg)
         # [batch*pos, d_model] @ [d_model, 3*head*d_head] -> [batch, pos, 3, head, d_head]
-        qkv = (x.reshape(-1, x.shape[-1]) @ W + bias[None]).reshape(
+        qkv = spec.linear(x, W, bias).reshape(
             *x.shape[:2], 3, cfg.n_heads, cfg.d_head)
         z, scores, pattern = kernels.packed_causal_attention(
             qkv, backend="numba", scale=scale, scores=want_s, pattern=want_p)
@@ -119,10 +126,13 @@ def _kernels(plan: Plan, p: dict, resid: jax.Array, layer: int, cfg: Transformer
             if value is not None:
                 hp(name, value)  # read, not edited (the plan's guarantee)
     else:
-        W, bias = _packed_weights(pa, ln, cfg)  # one 2-D matmul, then q, k, v sliced out of it
-        qkv = (x.reshape(-1, x.shape[-1]) @ W + bias[None]).reshape(
-            *x.shape[:2], 3, cfg.n_heads, cfg.d_head)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        W, bias = _packed_weights(pa, ln, cfg)  # q, k, v from one [d_model, 3*head*d_head] matrix
+        if plan.qkv == "kernel":
+            q, k, v = with_reference_grad(
+                lambda x, W, b: kernels.qkv_fwd(x, W, b, cfg.n_heads),
+                lambda x, W, b: _qkv_reference(x, W, b, cfg.n_heads))(x, W, bias)
+        else:
+            q, k, v = _qkv_reference(x, W, bias, cfg.n_heads)
         q, k, v = (hp(f"{a}.hook_{c}", t) for c, t in zip("qkv", (q, k, v), strict=True))
         if plan.core == "split":
             scores = hp(f"{a}.hook_attn_scores",
