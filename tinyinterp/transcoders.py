@@ -25,16 +25,20 @@ l's output. Training lives in ``train_transcoders`` (per-layer, through ``tinyin
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jaxtyping import Array, Float
 
 from tinyinterp import sae
 
-__all__ = ["Transcoders", "mlp_input_hook", "from_mlps", "random_transcoders"]
+__all__ = ["Transcoders", "CLTConfig", "mlp_input_hook", "from_mlps", "random_transcoders",
+           "collect_mlp_io", "train_transcoders", "train_clt", "replacement_logits", "evaluate"]
 
 _KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -244,3 +248,247 @@ def random_transcoders(cfg, n_features: int, *, architecture: str = "relu", k: i
             p["W_skip"] = (0.1 / np.sqrt(d)) * rng.standard_normal((d, d)).astype(np.float32)
         out.append({key: jnp.asarray(v, jnp.float32) for key, v in p.items()})
     return Transcoders(out, architecture=architecture, k=k, cross_layer=cross_layer)
+
+
+# ----------------------------------------------------------------------------- training data
+def collect_mlp_io(model, tokens, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(xs, ys) [layer, n, d_model]: every MLP's input (``mlp_input_hook``) and output
+    (``hook_mlp_out``) at every position of ``tokens`` [n_seq, pos] (n = n_seq * pos), one model
+    batch at a time."""
+    cfg = model.cfg
+    if cfg.attn_only:
+        raise ValueError("an attention-only model has no MLPs to train transcoders on")
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [n_seq, pos], got shape {tokens.shape}")
+    names = [n for layer in range(cfg.n_layers)
+             for n in (mlp_input_hook(cfg, layer), f"blocks.{layer}.hook_mlp_out")]
+    xs, ys = [], []
+    for s in range(0, tokens.shape[0], batch_size):
+        _, cache = model.run_with_cache(tokens[s:s + batch_size], names_filter=names)
+        xs.append(np.stack([np.asarray(cache[names[2 * i]]).reshape(-1, cfg.d_model)
+                            for i in range(cfg.n_layers)]))
+        ys.append(np.stack([np.asarray(cache[names[2 * i + 1]]).reshape(-1, cfg.d_model)
+                            for i in range(cfg.n_layers)]))
+    return np.concatenate(xs, axis=1), np.concatenate(ys, axis=1)
+
+
+def _skip_fit(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+    """Least-squares W_skip [d_model, d_model] of y on x (centred, ridge-regularised)."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    gram = xc.T @ xc / len(x)
+    return np.linalg.solve(gram + ridge * np.trace(gram) / len(gram) * np.eye(len(gram)),
+                           xc.T @ yc / len(x)).astype(np.float32)
+
+
+def train_transcoders(xs: np.ndarray, ys: np.ndarray, n_features: int, *,
+                      architecture: str = "relu", skip: bool = False, seed: int = 0,
+                      **sae_config) -> Transcoders:
+    """Per-layer transcoders (``x_l -> y_l``) from ``collect_mlp_io`` data, each trained by
+    ``tinyinterp.sae.train_sae`` (ReLU + L1, TopK, JumpReLU with straight-through threshold
+    gradients; resampling of dead latents). ``sae_config``: further ``SAEConfig`` fields
+    (``l1_coefficient``, ``k``, ``l0_coefficient``, ``n_steps``, ``batch_size``, ``lr``, ...).
+
+    ``skip``: a skip transcoder (Paulo et al. 2025): a linear map W_skip from input to output,
+    fitted first by (ridge) least squares; the sparse latents are then trained on what it leaves
+    (y - x W_skip)."""
+    xs, ys = np.asarray(xs, np.float32), np.asarray(ys, np.float32)
+    if xs.ndim != 3 or xs.shape != ys.shape:
+        raise ValueError(f"xs and ys must both be [layer, n, d_model], got {xs.shape} and {ys.shape}")
+    d = xs.shape[-1]
+    out = []
+    for layer in range(xs.shape[0]):
+        x, y = xs[layer], ys[layer]
+        W_skip = _skip_fit(x, y) if skip else None
+        target = y - x @ W_skip if skip else y
+        cfg = sae.SAEConfig(d_in=d, d_sae=n_features, d_out=d, architecture=architecture,
+                            **sae_config)
+        res = sae.train_sae(cfg, jax.random.key(seed * 1000 + layer),
+                            sae.array_batch_fn(x, cfg.batch_size, seed=seed + layer, y=target))
+        p = dict(res.params)
+        if skip:
+            p["W_skip"] = jnp.asarray(W_skip)
+        out.append(p)
+    return Transcoders.from_sae_params(out, architecture=architecture,
+                                       k=sae_config.get("k", 0))
+
+
+@dataclass(frozen=True)
+class CLTConfig:
+    """Cross-layer transcoder training (Ameisen et al. 2025). Loss = sum over target layers of
+    mean_batch ||y_t - out_t||^2 + ``sparsity`` * sum_l mean_batch sum_f tanh(``tanh_c`` *
+    ||W_dec[l][f]|| * a_l,f), ||W_dec[l][f]|| the norm of the feature's decoders to every later
+    layer, concatenated. ``architecture``: "relu" or "jumprelu" (straight-through threshold
+    gradients, ``tinyinterp.sae.jumprelu``)."""
+
+    n_features: int
+    architecture: str = "jumprelu"
+    sparsity: float = 1e-3
+    tanh_c: float = 1.0
+    lr: float = 2e-3
+    batch_size: int = 512
+    n_steps: int = 2000
+    chunk_size: int = 250
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.05
+
+    def __post_init__(self):
+        if self.architecture not in ("relu", "jumprelu"):
+            raise ValueError(f"CLTConfig.architecture must be 'relu' or 'jumprelu', got "
+                             f"{self.architecture!r}")
+        for name in ("n_features", "batch_size", "n_steps", "chunk_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"CLTConfig.{name} must be a positive int, got {v!r}")
+        for name in ("sparsity", "tanh_c", "lr", "jumprelu_bandwidth", "jumprelu_init_threshold"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0 or (
+                    name != "sparsity" and v == 0):
+                raise ValueError(f"CLTConfig.{name} must be a finite number > 0 (>= 0 for "
+                                 f"sparsity), got {v!r}")
+
+
+def _clt_forward(params: Sequence[dict], xs: Float[Array, "layer n d_model"], c: CLTConfig):
+    """(outputs [layer, n, d_model], activations per layer [n, feature])."""
+    n_layers = len(params)
+    acts = []
+    for layer, p in enumerate(params):
+        pre = xs[layer] @ p["W_enc"] + p["b_enc"][None, :]  # [n, feature]
+        if c.architecture == "jumprelu":
+            acts.append(sae.jumprelu(pre, jnp.exp(p["log_threshold"]), c.jumprelu_bandwidth))
+        else:
+            acts.append(jax.nn.relu(pre))
+    outs = []
+    for t in range(n_layers):
+        out = params[t]["b_dec"][None, :]
+        for src in range(t + 1):
+            out = out + acts[src] @ params[src]["W_dec"][:, t - src, :]
+        outs.append(out)
+    return jnp.stack(outs), acts
+
+
+def _clt_loss(params, xs, ys, c: CLTConfig):
+    outs, acts = _clt_forward(params, xs, c)
+    mse = jnp.sum(jnp.mean(jnp.sum((ys - outs) ** 2, axis=-1), axis=-1))
+    penalty = jnp.float32(0.0)
+    l0 = []
+    for p, a in zip(params, acts, strict=True):
+        norm = jnp.sqrt(jnp.sum(p["W_dec"] ** 2, axis=(1, 2)))  # [feature]: all targets, concatenated
+        penalty = penalty + jnp.mean(jnp.sum(jnp.tanh(c.tanh_c * norm[None, :] * a), axis=-1))
+        l0.append(jnp.mean(jnp.sum((a > 0).astype(jnp.float32), axis=-1)))
+    return mse + jnp.float32(c.sparsity) * penalty, (mse, penalty, jnp.stack(l0))
+
+
+def train_clt(xs: np.ndarray, ys: np.ndarray, c: CLTConfig, *, seed: int = 0
+              ) -> tuple[Transcoders, dict]:
+    """Cross-layer transcoders from ``collect_mlp_io`` data ([layer, n, d_model] each): one
+    encoder per layer, a decoder to every later layer's MLP output. Adam; batches drawn by a
+    counter-based sampler (deterministic in ``seed``). -> (Transcoders, history {"loss", "mse",
+    "penalty": [step], "l0": [step, layer]})."""
+    from tinyinterp.superposition import uniform_from_counter
+    from tinyinterp.train import standard_promotion
+
+    xs, ys = jnp.asarray(xs, jnp.float32), jnp.asarray(ys, jnp.float32)
+    if xs.ndim != 3 or xs.shape != ys.shape:
+        raise ValueError(f"xs and ys must both be [layer, n, d_model], got {xs.shape} and {ys.shape}")
+    n_layers, n, d = xs.shape
+    rng = np.random.default_rng(seed)
+    F = c.n_features
+    params = []
+    for layer in range(n_layers):
+        W_enc = rng.standard_normal((d, F)).astype(np.float32)
+        p = {"W_enc": jnp.asarray(W_enc / np.linalg.norm(W_enc, axis=0, keepdims=True)),
+             "b_enc": jnp.zeros((F,), jnp.float32),
+             "W_dec": jnp.asarray(rng.uniform(-1, 1, (F, n_layers - layer, d)).astype(np.float32)
+                                  / np.float32(np.sqrt(n_layers * d))),
+             "b_dec": jnp.mean(ys[layer], axis=0)}
+        if c.architecture == "jumprelu":
+            p["log_threshold"] = jnp.full((F,), np.log(c.jumprelu_init_threshold), jnp.float32)
+        params.append(p)
+    opt = standard_promotion(optax.adam(c.lr))
+    opt_state = opt.init(params)
+
+    @functools.partial(jax.jit, static_argnames="n_steps")
+    def chunk(params, opt_state, start, n_steps):
+        def step(carry, t):
+            params, opt_state = carry
+            u = uniform_from_counter(jnp.uint32(seed), t, (c.batch_size,))
+            idx = jnp.minimum((u * jnp.float32(n)).astype(jnp.int32), n - 1)  # [batch]
+            (loss, (mse, pen, l0)), g = jax.value_and_grad(_clt_loss, has_aux=True)(
+                params, xs[:, idx], ys[:, idx], c)
+            updates, opt_state = opt.update(g, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), (loss, mse, pen, l0)
+
+        steps = start + jnp.arange(n_steps, dtype=jnp.int32)
+        return jax.lax.scan(step, (params, opt_state), steps)
+
+    hist = {"loss": [], "mse": [], "penalty": [], "l0": []}
+    done = 0
+    while done < c.n_steps:
+        m = min(c.chunk_size, c.n_steps - done)
+        (params, opt_state), stats = chunk(params, opt_state, jnp.int32(done), m)
+        for key, v in zip(hist, stats, strict=True):
+            hist[key].append(np.asarray(v))
+        if not np.all(np.isfinite(hist["loss"][-1])):
+            raise FloatingPointError(f"cross-layer transcoder loss became non-finite before step "
+                                     f"{done + m}; lower lr ({c.lr}) or check the data.")
+        done += m
+    tc = Transcoders(params, architecture=c.architecture, cross_layer=True)
+    return tc, {k: np.concatenate(v) for k, v in hist.items()}
+
+
+# ----------------------------------------------------------------------------- evaluation
+def replacement_logits(model, tc: Transcoders, tokens) -> Float[Array, "batch pos vocab"]:
+    """Logits of the replacement model: every MLP replaced by its transcoder (no error terms),
+    attention and norms computed as usual."""
+    from tinyinterp.model import forward
+
+    cfg = model.cfg
+    tc.check(cfg)
+    state: dict = {"xs": {}, "acts": {}}
+
+    def read(v, *, name):
+        layer = int(name.split(".")[1])
+        shape = v.shape  # [batch, pos, d_model]
+        state["xs"][layer] = v.reshape(-1, shape[-1])
+        state["acts"][layer] = tc.encode(layer, state["xs"][layer])[1]
+        return v
+
+    def write(v, *, name):
+        t = int(name.split(".")[1])
+        out = tc.params[t]["b_dec"][None, :]
+        for src in range(t + 1):
+            if t in tc.targets(src):
+                out = out + state["acts"][src] @ tc.params[src]["W_dec"][:, t - src, :]
+        if "W_skip" in tc.params[t]:
+            out = out + state["xs"][t] @ tc.params[t]["W_skip"]
+        return out.reshape(v.shape)
+
+    hooks = [(mlp_input_hook(cfg, i), read) for i in range(tc.n_layers)]
+    hooks += [(f"blocks.{i}.hook_mlp_out", write) for i in range(tc.n_layers)]
+    return jax.jit(lambda p, t: forward(p, cfg, t, fwd_hooks=hooks))(model.params,
+                                                                      jnp.asarray(tokens))
+
+
+def evaluate(model, tc: Transcoders, tokens, *, batch_size: int = 64) -> dict:
+    """Per layer: normalised MSE (mean ||y - y_hat||^2 / mean ||y - mean y||^2), L0 (active
+    latents per token) and dead fraction (latents never active on these tokens); and
+    ``prediction_agreement``: the fraction of next-token predictions (argmax, every position)
+    kept when the transcoders replace the MLPs with no error terms."""
+    xs, ys = collect_mlp_io(model, tokens, batch_size=batch_size)
+    outs, _, acts = jax.jit(lambda x: tc(list(x)))(jnp.asarray(xs))
+    layers = []
+    for layer in range(tc.n_layers):
+        y, yhat, a = ys[layer], np.asarray(outs[layer]), np.asarray(acts[layer])
+        var = float(np.mean(np.sum((y - y.mean(0)) ** 2, axis=-1)))
+        layers.append({"layer": layer,
+                       "normalized_mse": float(np.mean(np.sum((y - yhat) ** 2, axis=-1))) / var,
+                       "l0": float(np.mean(np.sum(a > 0, axis=-1))),
+                       "dead_fraction": float(np.mean(~np.any(a > 0, axis=0)))})
+    agree = []
+    tokens = np.asarray(tokens)
+    for s in range(0, tokens.shape[0], batch_size):
+        t = tokens[s:s + batch_size]
+        agree.append(np.asarray(jnp.argmax(model(t), -1) == jnp.argmax(replacement_logits(
+            model, tc, t), -1)).ravel())
+    return {"layers": layers, "prediction_agreement": float(np.concatenate(agree).mean())}
