@@ -202,6 +202,59 @@ def test_attention_only_model_has_only_tokens_and_logits():
     assert s.replacement == 1.0 and s.completeness == pytest.approx(1.0)
 
 
+# ----------------------------------------------------------------------------- interventions
+def test_each_edge_equals_an_intervention_under_full_freezing(ln_model):
+    tc = T.random_transcoders(ln_model.cfg, 48, architecture="jumprelu", skip=True,
+                              cross_layer=True, seed=3)
+    g = graphs.attribution_graph(ln_model, tc, PROMPT)
+    A = g.dense()
+    layer1 = np.nonzero(g.active_features[:, 0] == 1)[0]
+    strength = np.abs(A[:, :g.n_features]).sum(axis=0) * (g.active_features[:, 0] == 0)
+    for s in np.argsort(-strength)[:2]:
+        layer, pos, f = (int(v) for v in g.active_features[s])
+        r = graphs.intervene(ln_model, tc, PROMPT, [graphs.FeatureIntervention(layer, pos, f,
+                                                                               scale=2.0)],
+                             constrained_layers=(0, 2))
+        assert r.changed[0][:3] == (layer, pos, f) and r.changed[0][4] == pytest.approx(
+            2 * g.activations[s], rel=1e-6)
+        tl, tp, tf = g.active_features[layer1].T
+        moved = r.pre_activations[1][tp, tf] - r.clean_pre_activations[1][tp, tf]
+        scale = np.abs(A[layer1, s]).max()
+        np.testing.assert_allclose(moved, A[layer1, s], atol=1e-5 * scale)
+        got = [r.logit_change(int(t)) for t in g.logit_tokens]
+        np.testing.assert_allclose(got, A[g.logit_start:, s], atol=1e-5 * scale)
+
+
+def test_unconstrained_intervention_runs_the_real_mlps(ln_model):
+    import jax.numpy as jnp
+    tc = T.from_mlps(ln_model)
+    g = graphs.attribution_graph(ln_model, tc, PROMPT)
+    layer, pos, f = (int(v) for v in g.active_features[0])
+    assert layer == 0
+    # a transcoder equal to the MLP: setting its feature to 0 is ablating the neuron
+    r = graphs.intervene(ln_model, tc, PROMPT, [(layer, pos, f, 0.0)])
+
+    def ablate(v, *, name):
+        return v.at[:, pos, f].set(0.0)
+
+    want = ln_model.run_with_hooks(jnp.asarray(PROMPT)[None],
+                                   fwd_hooks=[("blocks.0.mlp.hook_post", ablate)])[0]
+    np.testing.assert_allclose(r.logits, np.asarray(want), rtol=1e-5, atol=1e-5)
+    # the downstream features move with it (the real MLPs run), the changed list has them
+    assert (0, pos, f) in [c[:3] for c in r.changed] and any(c[0] == 1 for c in r.changed)
+    # a negative multiple, constrained: its activation is flipped, the others held
+    r = graphs.intervene(ln_model, tc, PROMPT, [graphs.FeatureIntervention(layer, pos, f,
+                                                                           scale=-1.5)],
+                         constrained_layers=(0, 2))
+    assert r.activations[0][pos, f] == pytest.approx(-1.5 * g.activations[0], rel=1e-6)
+    assert [c[:3] for c in r.changed] == [(layer, pos, f)]
+    # no intervention: nothing changes, in either mode
+    for kw in ({}, {"constrained_layers": (0, 2)}):
+        r = graphs.intervene(ln_model, tc, PROMPT, [], **kw)
+        np.testing.assert_allclose(r.logits, r.clean_logits, rtol=1e-5, atol=1e-5)
+        assert r.changed == []
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_gets_clear_errors(ln_model):
     tc = T.from_mlps(ln_model)
@@ -221,3 +274,13 @@ def test_bad_input_gets_clear_errors(ln_model):
     attn_only = tinyinterp.HookedTransformer.from_config(_cfg(attn_only=True), seed=0)
     with pytest.raises(ValueError, match="attention-only"):
         graphs.attribution_graph(attn_only, tc, PROMPT)
+    with pytest.raises(ValueError, match="unknown feature 48"):
+        graphs.intervene(ln_model, tc, PROMPT, [graphs.FeatureIntervention(0, 1, 48, value=1.0)])
+    with pytest.raises(ValueError, match="unknown layer 2"):
+        graphs.intervene(ln_model, tc, PROMPT, [graphs.FeatureIntervention(2, 1, 0, value=1.0)])
+    with pytest.raises(ValueError, match="outside the prompt"):
+        graphs.intervene(ln_model, tc, PROMPT, [graphs.FeatureIntervention(0, 10, 0, value=1.0)])
+    with pytest.raises(ValueError, match="exactly one"):
+        graphs.intervene(ln_model, tc, PROMPT, [graphs.FeatureIntervention(0, 1, 0, 1.0, 2.0)])
+    with pytest.raises(ValueError, match="constrained_layers"):
+        graphs.intervene(ln_model, tc, PROMPT, [], constrained_layers=(0, 3))

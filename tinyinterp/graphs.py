@@ -48,7 +48,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,7 @@ from tinyinterp.transcoders import Transcoders, mlp_input_hook
 
 __all__ = [
     "AttributionGraph", "GraphScores", "PruneResult", "attribution_graph", "prune_graph",
-    "graph_scores", "node_influence",
+    "graph_scores", "node_influence", "FeatureIntervention", "InterventionResult", "intervene",
 ]
 
 
@@ -628,3 +628,189 @@ def graph_scores(graph: AttributionGraph, pruned: PruneResult | None = None) -> 
     out = infl + w
     completeness = float((non_error * out).sum(dtype=np.float64) / out.sum(dtype=np.float64))
     return GraphScores(replacement, completeness)
+
+
+# ----------------------------------------------------------------------------- interventions
+@dataclass(frozen=True)
+class FeatureIntervention:
+    """Set feature ``feature`` of source layer ``layer`` at ``pos`` to ``value``, or to ``scale``
+    times its activation on the prompt (give exactly one; a negative scale flips its sign)."""
+
+    layer: int
+    pos: int
+    feature: int
+    value: float | None = None
+    scale: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class InterventionResult:
+    """``logits`` / ``clean_logits`` [pos, vocab]; per layer [pos, feature]: ``activations`` (the
+    activations the transcoders wrote with: held values at constrained layers, the run's own
+    elsewhere, interventions applied), ``pre_activations`` (the encoders' pre-activations on the
+    intervened run), ``clean_activations``, ``clean_pre_activations``; ``changed``: the features
+    whose activation moved, [(layer, pos, feature, old, new)] by decreasing |new - old|."""
+
+    logits: np.ndarray
+    clean_logits: np.ndarray
+    activations: list
+    pre_activations: list
+    clean_activations: list
+    clean_pre_activations: list
+    changed: list
+    settings: dict
+
+    def logit_change(self, token: int, pos: int = -1, demean: bool = True) -> float:
+        """The change of ``token``'s logit at ``pos`` (minus the mean logit's change if
+        ``demean``, as the graph's logit nodes)."""
+        new, old = self.logits[pos].astype(np.float64), self.clean_logits[pos].astype(np.float64)
+        delta = new[token] - old[token]
+        return float(delta - (new.mean() - old.mean()) if demean else delta)
+
+
+def _check_interventions(interventions, tc: Transcoders, n_pos: int) -> list[FeatureIntervention]:
+    if isinstance(interventions, FeatureIntervention):
+        interventions = [interventions]
+    out = []
+    for iv in interventions:
+        if not isinstance(iv, FeatureIntervention):
+            iv = FeatureIntervention(*iv) if isinstance(iv, (tuple, list)) else iv
+        if not isinstance(iv, FeatureIntervention):
+            raise TypeError(f"an intervention is a FeatureIntervention(layer, pos, feature, "
+                            f"value=... | scale=...), got {iv!r}")
+        if (iv.value is None) == (iv.scale is None):
+            raise ValueError(f"{iv}: give exactly one of value= (set the activation) or scale= "
+                             "(multiply its value on the prompt)")
+        amount = iv.value if iv.value is not None else iv.scale
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or \
+                not math.isfinite(amount):
+            raise ValueError(f"{iv}: value / scale must be a finite number, got {amount!r}")
+        if not (isinstance(iv.layer, int) and 0 <= iv.layer < tc.n_layers):
+            raise ValueError(f"{iv}: unknown layer {iv.layer!r}; the transcoders have layers "
+                             f"0..{tc.n_layers - 1}" if tc.n_layers else
+                             f"{iv}: there are no transcoder features (attention-only model)")
+        pos = iv.pos + n_pos if isinstance(iv.pos, int) and iv.pos < 0 else iv.pos
+        if not (isinstance(pos, int) and 0 <= pos < n_pos):
+            raise ValueError(f"{iv}: pos {iv.pos!r} is outside the prompt (length {n_pos})")
+        n_f = tc.n_features(iv.layer)
+        if not (isinstance(iv.feature, (int, np.integer)) and 0 <= iv.feature < n_f):
+            raise ValueError(f"{iv}: unknown feature {iv.feature!r}; layer {iv.layer}'s transcoder "
+                             f"has features 0..{n_f - 1}")
+        out.append(FeatureIntervention(iv.layer, pos, int(iv.feature), iv.value, iv.scale))
+    return out
+
+
+def intervene(model, transcoders: Transcoders, tokens, interventions, *,
+              constrained_layers: tuple[int, int] | range | None = None,
+              freeze_attention: bool | None = None) -> InterventionResult:
+    """Run the prompt with features set or scaled (``FeatureIntervention``s, or (layer, pos,
+    feature, value) tuples).
+
+    ``constrained_layers`` (start, stop): in those layers the MLP output is the transcoder's,
+    from activations held at their values on the prompt (except those set here), plus the held
+    error node; elsewhere the real MLP runs and the intervened features' decoders add their
+    change (unconstrained: None). ``freeze_attention`` (default: True when constrained) holds the
+    attention patterns and every norm's scale at their values on the prompt. With every layer
+    constrained and attention frozen this is the local replacement model itself: scaling a
+    source feature by 2 moves each target's pre-activation (and demeaned logit) by the graph's
+    edge weight."""
+    tc, toks = _check_inputs(model, transcoders, tokens)
+    cfg = model.cfg
+    n_pos, n_mlp = toks.shape[0], tc.n_layers
+    ivs = _check_interventions(interventions, tc, n_pos)
+    if constrained_layers is None:
+        lo = hi = 0
+    else:
+        r = constrained_layers
+        lo, hi = (r.start, r.stop) if isinstance(r, range) else tuple(r)
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= n_mlp):
+            raise ValueError(f"constrained_layers must be (start, stop) with 0 <= start <= stop <= "
+                             f"{n_mlp}, got {constrained_layers!r}")
+    freeze = (constrained_layers is not None) if freeze_attention is None else bool(freeze_attention)
+    clean = _clean_run(model.params, tc, jnp.asarray(toks), cfg=cfg)
+    # per layer: (mask [pos, feature], value to set, scale to apply) of the interventions
+    edits = []
+    for layer in range(n_mlp):
+        n_f = tc.n_features(layer)
+        mask, setv, mult = np.zeros((n_pos, n_f), bool), np.zeros((n_pos, n_f), np.float32), \
+            np.ones((n_pos, n_f), np.float32)
+        for iv in ivs:
+            if iv.layer == layer:
+                mask[iv.pos, iv.feature] = True
+                if iv.value is not None:
+                    setv[iv.pos, iv.feature], mult[iv.pos, iv.feature] = iv.value, 0.0
+                else:
+                    mult[iv.pos, iv.feature] = iv.scale
+        edits.append((mask, setv, mult))
+    logits, used, pres = _intervened_run(model.params, tc, jnp.asarray(toks), clean,
+                                         [tuple(jnp.asarray(e) for e in ed) for ed in edits],
+                                         cfg=cfg, lo=lo, hi=hi, freeze=freeze)
+    acts_new = [np.asarray(a) for a in used]
+    acts_old = [np.asarray(a) for a in clean["acts"]]
+    changed = []
+    for layer, (old, new) in enumerate(zip(acts_old, acts_new, strict=True)):
+        tol = 1e-6 * max(1.0, float(np.abs(old).max(initial=0.0)))
+        for p, f in zip(*np.nonzero(np.abs(new - old) > tol), strict=True):
+            changed.append((layer, int(p), int(f), float(old[p, f]), float(new[p, f])))
+    changed.sort(key=lambda c: -abs(c[4] - c[3]))
+    return InterventionResult(np.asarray(logits), np.asarray(clean["logits"]), acts_new,
+                              [np.asarray(p) for p in pres], acts_old,
+                              [np.asarray(p) for p in clean["pres"]], changed,
+                              {"constrained_layers": (lo, hi) if constrained_layers is not None
+                               else None, "freeze_attention": freeze,
+                               "interventions": [asdict(iv) for iv in ivs]})
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lo", "hi", "freeze"))
+def _intervened_run(params, tc: Transcoders, toks, clean, edits, *, cfg, lo: int, hi: int,
+                    freeze: bool):
+    """The forward pass of ``intervene`` (one compiled program per model, shapes and mode)."""
+    from tinyinterp.model import forward
+
+    n_mlp = tc.n_layers
+    frozen = clean["frozen"]
+    has_norm = cfg.normalization_type is not None
+    state: dict = {"x": {}, "pre": {}, "base": {}, "used": {}}
+
+    def const(value):
+        return lambda v, *, name: jnp.broadcast_to(value[None], v.shape)
+
+    def read(v, *, name):
+        layer = int(name.split(".")[1])
+        x = v[0]  # [pos, d_model]
+        pre, natural = tc.encode(layer, x)
+        base = clean["acts"][layer] if lo <= layer < hi else natural
+        mask, setv, mult = edits[layer]
+        # value: set (mult 0); scale: x its value on the prompt
+        edited = jnp.where(mult == 0.0, setv, clean["acts"][layer] * mult)
+        state["x"][layer], state["pre"][layer], state["base"][layer] = x, pre, base
+        state["used"][layer] = jnp.where(mask, edited, base)
+        return v
+
+    def write(v, *, name):
+        t = int(name.split(".")[1])
+        if lo <= t < hi:  # the transcoder's output from held activations + the held error
+            out = tc.decode_layer(t, state["used"], state["x"][t]) + clean["errors"][t]
+        else:  # the real MLP + the change the intervened features' decoders make
+            out = v[0]
+            for s in range(t + 1):
+                if t in tc.targets(s):
+                    out = out + (state["used"][s] - state["base"][s]) @ \
+                        tc.params[s]["W_dec"][:, t - s, :]
+        return out[None]
+
+    hooks = []
+    if freeze:
+        for layer in range(cfg.n_layers):
+            hooks.append((f"blocks.{layer}.attn.hook_pattern", const(frozen["pattern"][layer])))
+            if has_norm:
+                hooks.append((f"blocks.{layer}.ln1.hook_scale", const(frozen["ln1"][layer])))
+        for layer in range(n_mlp):
+            if has_norm:
+                hooks.append((f"blocks.{layer}.ln2.hook_scale", const(frozen["ln2"][layer])))
+        if has_norm:
+            hooks.append(("ln_final.hook_scale", const(frozen["lnf"])))
+    hooks += [(mlp_input_hook(cfg, i), read) for i in range(n_mlp)]
+    hooks += [(f"blocks.{i}.hook_mlp_out", write) for i in range(n_mlp)]
+    logits = forward(params, cfg, toks[None], fwd_hooks=hooks, backend="xla")[0]
+    return logits, [state["used"][i] for i in range(n_mlp)], [state["pre"][i] for i in range(n_mlp)]

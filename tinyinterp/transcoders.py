@@ -171,24 +171,28 @@ class Transcoders:
             acts = jax.nn.relu(pre)
         return pre, acts
 
+    def decode_layer(self, t: int, acts: Sequence[Float[Array, "n feature"]],
+                     x: Float[Array, "n d_model"] | None = None) -> Float[Array, "n d_model"]:
+        """The output [n, d_model] of target layer ``t`` from the activations of the source
+        layers ``acts[s]`` (s <= t; later entries are not read) and, with a skip connection, the
+        layer's input ``x``."""
+        out = self.params[t]["b_dec"][None, :]
+        for src in range(t + 1):
+            if t in self.targets(src):
+                # [n, feature] @ [feature, d_model] (the decoder of source src to target t)
+                out = out + acts[src] @ self.params[src]["W_dec"][:, t - src, :]
+        if "W_skip" in self.params[t]:
+            if x is None:
+                raise ValueError("transcoders with a skip connection need the layer's input x.")
+            out = out + x @ self.params[t]["W_skip"]
+        return out
+
     def decode(self, acts: Sequence[Float[Array, "n feature"]], xs: Sequence[Array] | None = None
                ) -> list[Float[Array, "n d_model"]]:
         """Outputs [n, d_model] of every target layer from every source layer's activations (and
         the inputs ``xs`` where there is a skip connection)."""
-        outs = []
-        for t in range(self.n_layers):
-            out = jnp.broadcast_to(self.params[t]["b_dec"][None, :], (acts[t].shape[0],
-                                                                      self.params[t]["b_dec"].shape[0]))
-            for src in range(t + 1):
-                if t in self.targets(src):
-                    # [n, feature] @ [feature, d_model] (the decoder to target t)
-                    out = out + acts[src] @ self.params[src]["W_dec"][:, t - src, :]
-            if "W_skip" in self.params[t]:
-                if xs is None:
-                    raise ValueError("transcoders with a skip connection need the inputs xs.")
-                out = out + xs[t] @ self.params[t]["W_skip"]
-            outs.append(out)
-        return outs
+        return [self.decode_layer(t, acts, None if xs is None else xs[t])
+                for t in range(self.n_layers)]
 
     def __call__(self, xs: Sequence[Float[Array, "n d_model"]]):
         """(outputs, pre-activations, activations), each a list over layers."""
@@ -456,13 +460,7 @@ def replacement_logits(model, tc: Transcoders, tokens) -> Float[Array, "batch po
 
     def write(v, *, name):
         t = int(name.split(".")[1])
-        out = tc.params[t]["b_dec"][None, :]
-        for src in range(t + 1):
-            if t in tc.targets(src):
-                out = out + state["acts"][src] @ tc.params[src]["W_dec"][:, t - src, :]
-        if "W_skip" in tc.params[t]:
-            out = out + state["xs"][t] @ tc.params[t]["W_skip"]
-        return out.reshape(v.shape)
+        return tc.decode_layer(t, state["acts"], state["xs"][t]).reshape(v.shape)
 
     hooks = [(mlp_input_hook(cfg, i), read) for i in range(tc.n_layers)]
     hooks += [(f"blocks.{i}.hook_mlp_out", write) for i in range(tc.n_layers)]
