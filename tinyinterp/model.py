@@ -44,11 +44,20 @@ def embed(params: Params, tokens: Int[Array, "batch pos"], cfg: TransformerConfi
     """Token + positional embedding; an out-of-range token embeds as NaN (never silently clamped)."""
     W_E = params["embed"]["W_E"]  # [d_vocab, d_model]
     in_range = (tokens >= 0) & (tokens < cfg.d_vocab)  # [batch, pos]
-    tok = jnp.where(in_range[..., None], W_E[jnp.where(in_range, tokens, 0)], jnp.nan)
+    tok = jnp.where(in_range[..., None], rows(W_E, jnp.where(in_range, tokens, 0)), jnp.nan)
     tok = hp("hook_embed", tok)  # [batch, pos, d_model]
     W_pos = params["pos_embed"]["W_pos"][: tokens.shape[1]]  # [pos, d_model]
     pos = hp("hook_pos_embed", jnp.broadcast_to(W_pos[None], tok.shape))
     return tok + pos
+
+
+def rows(table: Float[Array, "n d"], index: Int[Array, "*idx"]) -> Float[Array, "*idx d"]:
+    """table[index], split over devices as ``index`` is: on a mesh with Explicit axes (what
+    ``jax.make_mesh`` makes) a gather must say its output's sharding, or it does not trace."""
+    sharding = jax.typeof(index).sharding
+    if sharding.mesh.empty or not sharding.mesh.explicit_axes:
+        return table[index]
+    return table.at[index].get(out_sharding=sharding.update(spec=(*sharding.spec, None)))
 
 
 # ----------------------------------------------------------------------------- norms

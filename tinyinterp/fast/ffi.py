@@ -136,10 +136,11 @@ _warned_replicated: set[str] = set()
 
 
 def batch_local(fn, args: tuple, out, batched: tuple[int, ...] | None, name: str):
-    """``fn(out, *args)`` (``out``: the results' ShapeDtypeStructs), run by ``jax.shard_map`` on each device's part of the batch when the
-    arguments live on a mesh whose non-manual axes span several devices (plain ``jax.jit`` of
-    sharded inputs). XLA cannot partition a custom call: left alone, it gathers the operands to
-    the full batch on every device and each device repeats the whole kernel.
+    """``fn(out, *args)`` (``out``: the results' ShapeDtypeStructs), run by ``jax.shard_map``
+    on each device's part of the batch when the arguments live on a mesh whose non-manual axes
+    span several devices (plain ``jax.jit`` of sharded inputs). XLA cannot partition a custom
+    call: left alone, it gathers the operands to the full batch on every device and each device
+    repeats the whole kernel.
 
     Which mesh axes split the batch: on an Explicit mesh, those the batch arguments are already
     split over (none: the data is replicated and so is the work, as for jnp); on an Auto mesh,
