@@ -59,6 +59,21 @@ def test_check_passes_on_a_correct_method_and_fails_on_broken_ones(check, good, 
         assert bad.method == b.__name__ and "FAILED" in bad.message and bad.measured
 
 
+def test_blind_spots_are_real_and_every_check_catches_a_broken_method():
+    """evaluate.BLIND_SPOTS names the (broken method, check) pairs a check cannot catch because
+    the broken method has that property: each of them passes; every other pair fails. So every
+    check fails on at least one broken method, and each broken method fails most checks."""
+    from tinyinterp.evaluate import BLIND_SPOTS, BROKEN
+
+    names = {f: n for n, f in BROKEN.items()}
+    checks = [c[0] for c in CASES]
+    for method in (random_attributions, sign_flipped_gradient_x_input):
+        for check in checks:
+            res = _run(check, method)
+            assert res.passed == ((names[method], check) in BLIND_SPOTS), (check, res.message)
+    assert all(any((b, c) not in BLIND_SPOTS for b in BROKEN) for c in checks)
+
+
 def test_known_failures_of_correct_methods_are_reported():
     """The checks see what the papers say: gradient x input is not input invariant (Kindermans et
     al.), saliency is not complete."""

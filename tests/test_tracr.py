@@ -81,6 +81,43 @@ def test_sort_graph_has_selector_width_and_k_composition():
     assert (width[0].name, out.name, "k") in gt.edges
 
 
+def test_inert_heads_change_nothing_and_zero_ablation_ranks_the_program_first():
+    """with_inert_heads: the same outputs at every position, the distractor heads attend and write
+    (their hook_result is not zero); on evaluate-methods' compiled program (the token two back:
+    two composed shift heads) zero-ablating each head scores the program's heads above every inert
+    one (recovery AUROC 1), direct logit attribution misses the first head (it acts only through
+    the second), and random scores do not reach 1."""
+    from tinyinterp import evaluate
+    from tinyinterp import testing as T
+    from tinyinterp.interop import with_inert_heads
+
+    prog = lib.make_sort_unique(rasp.tokens, rasp.tokens)
+    conv = from_tracr(_compile(prog), prog, attention_backend="xla")
+    inert = with_inert_heads(conv, 2, seed=1)
+    toks = jnp.asarray(conv.encode([["BOS", 3, 1, 2], ["BOS", 2, 3, 1]]))
+    np.testing.assert_allclose(np.asarray(inert.model(toks)), np.asarray(conv.model(toks)),
+                               atol=1e-5)
+    H = conv.model.cfg.n_heads
+    _, cache = inert.model.run_with_cache(toks)
+    for layer in range(inert.model.cfg.n_layers):
+        assert float(jnp.abs(cache[f"blocks.{layer}.attn.hook_result"][:, :, H:]).max()) > 0.1
+    mask = inert.ground_truth.head_mask()
+    assert mask.shape == (conv.model.cfg.n_layers, H + 2) and not mask[:, H:].any()
+    with pytest.raises(ValueError, match="n_extra"):
+        with_inert_heads(conv, 0)
+
+    (_, model, toks, metric, mask), = evaluate._tracr_circuits()
+    assert mask.sum() == 2 and mask[:, 0].all()  # one program head per layer, then inert ones
+    want = np.asarray(toks)[:, -3]  # the token two back (value v: input id = output id = v - 1)
+    np.testing.assert_array_equal(np.argmax(np.asarray(model(toks))[:, -1], -1), want)
+    ablation = evaluate.head_scores("zero_ablation", model, toks, metric)
+    assert T.check_recovers_planted(ablation, mask).measured["auroc"] == 1.0
+    dla = evaluate.head_scores("direct_logit_attribution", model, toks, metric)
+    assert dla[0, 0] == 0.0 and dla[1, 0] > 0.5
+    rand = evaluate.head_scores("random (broken)", model, toks, metric)
+    assert T.recovery_scores(rand, mask)[1] < 1.0
+
+
 def test_numerical_program_and_errors():
     """A numerical Aggregate of a numerical Map: one output; a non-causal model is refused."""
     ones = rasp.numerical(rasp.Map(lambda x: 1 if x == 1 else 0, rasp.tokens))

@@ -213,6 +213,58 @@ def from_tracr(assembled, program=None, *, attention_backend: str = "auto") -> T
     return TracrModel(HookedTransformer(cfg, params), graph, labels, enc, decoding)
 
 
+def with_inert_heads(conv: TracrModel, n_extra: int = 2, *, scale: float = 1.0,
+                     seed: int = 0) -> TracrModel:
+    """``conv`` with ``n_extra`` distractor heads added to every layer: random queries, keys and
+    values (std ``scale``) that read the whole residual stream and write, through a random W_O, into
+    ``n_extra`` fresh residual directions that nothing reads (no later head, no MLP, not the
+    unembedding). The model computes exactly what ``conv`` computes, the distractors attend and
+    write, and the ground truth's head mask marks only the program's heads, so a head-scoring
+    method has negatives to rank below them (recovery AUROC on a compiled program). The new
+    heads' indices follow the program's in each layer; ``residual_labels`` gain "inert:i"."""
+    if n_extra < 1:
+        raise ValueError(f"n_extra must be >= 1, got {n_extra}")
+    rng = np.random.default_rng(seed)
+    cfg, P = conv.model.cfg, conv.model.params
+    d, H, d_new = cfg.d_model, cfg.n_heads, cfg.d_model + n_extra
+
+    def pad_rows(w, axis):  # zero rows for the new residual directions (nothing reads them)
+        pad = [(0, 0)] * w.ndim
+        pad[axis] = (0, n_extra)
+        return jnp.pad(w, pad)
+
+    def draw(*shape):
+        return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+
+    blocks = []
+    for blk in P["blocks"]:
+        at = blk["attn"]
+        new = {}
+        for c in "QKV":  # [H, d_model, d_head] -> [H + n_extra, d_new, d_head]
+            W = pad_rows(at[f"W_{c}"], 1)
+            new[f"W_{c}"] = jnp.concatenate([W, draw(n_extra, d_new, cfg.d_head)])
+            new[f"b_{c}"] = jnp.concatenate([at[f"b_{c}"], draw(n_extra, cfg.d_head)])
+        # the program's heads write where they wrote; head H + i writes only direction d + i
+        W_O_new = jnp.zeros((n_extra, cfg.d_head, d_new), jnp.float32)
+        for i in range(n_extra):
+            W_O_new = W_O_new.at[i, :, d + i].set(draw(cfg.d_head))
+        new["W_O"] = jnp.concatenate([pad_rows(at["W_O"], 2), W_O_new])
+        new["b_O"] = pad_rows(at["b_O"], 0)
+        mlp = {**blk["mlp"], "W_in": pad_rows(blk["mlp"]["W_in"], 0),
+               "W_out": pad_rows(blk["mlp"]["W_out"], 1), "b_out": pad_rows(blk["mlp"]["b_out"], 0)}
+        blocks.append({**blk, "attn": new, "mlp": mlp})
+    params = {"embed": {"W_E": pad_rows(P["embed"]["W_E"], 1)},
+              "pos_embed": {"W_pos": pad_rows(P["pos_embed"]["W_pos"], 1)}, "blocks": blocks,
+              "unembed": {**P["unembed"], "W_U": pad_rows(P["unembed"]["W_U"], 0)}}
+    new_cfg = cfg.replace(d_model=d_new, n_heads=H + n_extra)
+    check_params(params, new_cfg)
+    g = conv.ground_truth
+    graph = TracrGraph(g.components, g.edges, g.output, g.n_layers, H + n_extra, g.d_mlp)
+    labels = (*conv.residual_labels, *(f"inert:{i}" for i in range(n_extra)))
+    return TracrModel(HookedTransformer(new_cfg, params), graph, labels, conv.input_encoding,
+                      conv.output_decoding)
+
+
 def _tracr_graph(blocks, labels, L, H, d_mlp, program) -> TracrGraph:
     """Components, edges and output read from the converted weights (see from_tracr)."""
     types = {}
