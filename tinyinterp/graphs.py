@@ -283,30 +283,35 @@ def _linear_reads(params, cfg, frozen: dict, skips: tuple, upto: int,
     return _frozen_norm(resid, frozen["lnf"], {}, kind, affine=False)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "upto"))
+@functools.partial(jax.jit, static_argnames=("cfg", "upto", "n_keep"))
 def _edge_rows(params, frozen, skips, tokvec, errors, dec, feat_pos, feat_slot, rows_pos, rows_vec,
-               *, cfg, upto: int):
+               *, cfg, upto: int, n_keep: int):
     """Edges into a chunk of target rows of layer ``upto``: one vector-Jacobian product per row,
-    batched with vmap. rows_pos [row], rows_vec [row, d_model] (the target reads
+    batched with vmap. rows_pos [row] (all < n_keep), rows_vec [row, d_model] (the target reads
     ``rows_vec . read[upto][rows_pos]``). dec [pos, slot, layer * d_model]: each active source
     feature's activation x decoder into every MLP layer, by position and slot; feat_pos /
-    feat_slot [feature] where each source feature sits in ``dec``. -> (feature edges [row,
-    feature], error edges [row, layer * pos], token edges [row, pos])."""
-    n_pos, d = tokvec.shape
+    feat_slot [feature] where each source feature sits in ``dec``. Attention is causal, so only
+    the first ``n_keep`` positions can reach these rows: the sequence is cut there. -> (feature
+    edges [row, feature], error edges [row, layer * n_keep], token edges [row, n_keep])."""
+    P = n_keep
+    tokvec, errors, dec = tokvec[:P], errors[:, :P], dec[:P]
+    frozen = {"pattern": frozen["pattern"][:, :, :P, :P],
+              **{k: None if frozen[k] is None else frozen[k][..., :P, :] for k in ("ln1", "ln2")},
+              "lnf": None if frozen["lnf"] is None else frozen["lnf"][:P]}
+    d = tokvec.shape[1]
     n_mlp = errors.shape[0]
-    zeros_m = jnp.zeros((n_mlp, n_pos, d), jnp.float32)
     _, vjp = jax.vjp(lambda e, m: _linear_reads(params, cfg, frozen, skips, upto, e, m),
-                     jnp.zeros_like(tokvec), zeros_m)
+                     jnp.zeros_like(tokvec), jnp.zeros((n_mlp, P, d), jnp.float32))
 
     def one(p, vec):
-        return vjp(jnp.zeros((n_pos, d), jnp.float32).at[p].set(vec))
+        return vjp(jnp.zeros((P, d), jnp.float32).at[p].set(vec))
 
     g_e, g_m = jax.vmap(one)(rows_pos, rows_vec)  # [row, pos, d_model], [row, layer, pos, d_model]
     tok = jnp.einsum("rpd,pd->rp", g_e, tokvec)
     n_row = rows_pos.shape[0]
-    err = jnp.einsum("rlpd,lpd->rlp", g_m, errors).reshape(n_row, n_mlp * n_pos)
+    err = jnp.einsum("rlpd,lpd->rlp", g_m, errors).reshape(n_row, n_mlp * P)
     # [row, layer, pos, d] -> [row, pos, layer * d]: contract each position's block with dec
-    gm = jnp.transpose(g_m, (0, 2, 1, 3)).reshape(n_row, n_pos, n_mlp * d)
+    gm = jnp.transpose(g_m, (0, 2, 1, 3)).reshape(n_row, P, n_mlp * d)
     fe = jnp.einsum("rpk,pnk->rpn", gm, dec)  # [row, pos, slot]
     return fe[:, feat_pos, feat_slot], err, tok
 
@@ -415,52 +420,47 @@ def attribution_graph(model, transcoders: Transcoders | None, tokens, *, max_n_l
     values = np.zeros(n_nodes, np.float32)
     values[:n_feat] = pres
     values[logit_start:] = logit_val
-    blocks = []  # (row node indices, csr [rows, n_nodes])
+    counts = np.zeros(n_nodes, np.int64)  # stored edges per row
+    indices, data = [], []  # per chunk, in row order
     for upto, row_nodes, rpos, rvec, rb in groups:
         reads0 = np.asarray(run["reads0"][upto])  # [pos, d_model]
         rvec = np.ascontiguousarray(rvec, np.float32)
         constant[row_nodes] = np.sum(rvec * reads0[rpos], axis=-1) + rb
         src = np.nonzero(feats[:, 0] < upto)[0]  # only earlier layers write into this read
         dec, slot = _decoder_blocks(tc, host, feats[src], acts[src], n_pos, d)
-        fpos, fslot = jnp.asarray(feats[src, 1]), jnp.asarray(slot)
+        dec = jnp.asarray(dec)
         for s in range(0, len(row_nodes), batch_size):
             n = min(batch_size, len(row_nodes) - s)
+            keep = min(n_pos, _bucket(int(rpos[s:s + n].max()) + 1, 16))  # causal cut
+            src_k = np.nonzero(feats[src, 1] < keep)[0]  # sources at positions before the cut
             p_chunk = np.zeros(batch_size, np.int32)
             p_chunk[:n] = rpos[s:s + n]
             v_chunk = np.zeros((batch_size, d), np.float32)
             v_chunk[:n] = rvec[s:s + n]
             fe, err, tok = _edge_rows(params, frozen, skips, run["tokvec"], run["errors"], dec,
-                                      fpos, fslot, p_chunk, v_chunk, cfg=cfg, upto=upto)
-            chunk = np.zeros((n, n_nodes), np.float32)
-            chunk[:, src] = np.asarray(fe)[:n]
-            chunk[:, n_feat:tok_start] = np.asarray(err)[:n]
-            chunk[:, tok_start:logit_start] = np.asarray(tok)[:n]
-            blocks.append((row_nodes[s:s + n], sp.csr_matrix(chunk)))
-    adjacency = _stack_rows(blocks, n_nodes)
+                                      feats[src[src_k], 1], slot[src_k], p_chunk, v_chunk,
+                                      cfg=cfg, upto=upto, n_keep=keep)
+            # [row, sources | errors | tokens] -> the nonzero entries, CSR order
+            block = np.concatenate([np.asarray(fe)[:n], np.asarray(err)[:n],
+                                    np.asarray(tok)[:n]], axis=1)
+            cols = np.concatenate([src[src_k], n_feat + (np.arange(n_mlp)[:, None] * n_pos
+                                                         + np.arange(keep)[None, :]).ravel(),
+                                   tok_start + np.arange(keep)]).astype(np.int32)
+            nz = block != 0
+            counts[row_nodes[s:s + n]] = np.count_nonzero(nz, axis=1)
+            flat = np.flatnonzero(nz)
+            indices.append(cols[flat % block.shape[1]])
+            data.append(block.ravel()[flat])
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    adjacency = sp.csr_matrix((np.concatenate(data) if data else np.zeros(0, np.float32),
+                               np.concatenate(indices) if indices else np.zeros(0, np.int32),
+                               indptr), shape=(n_nodes, n_nodes))
     error_norms = np.linalg.norm(np.asarray(run["errors"]), axis=-1)  # [layer, pos]
     settings = {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob,
                 "batch_size": batch_size, "architecture": tc.architecture,
                 "cross_layer": tc.cross_layer, "skip": tc.skip}
     return AttributionGraph(adjacency, constant, values, toks, feats, acts, logit_ids, logit_p,
                             n_mlp, error_norms, settings)
-
-
-def _stack_rows(blocks, n_nodes: int) -> sp.csr_matrix:
-    """A [node, node] CSR from row blocks [(row node indices (increasing), csr)]; rows that no
-    block gives (error and token nodes) are empty."""
-    counts = np.zeros(n_nodes, np.int64)
-    for rows, m in blocks:
-        counts[rows] = np.diff(m.indptr)
-    indptr = np.concatenate([[0], np.cumsum(counts)])
-    nnz = int(indptr[-1])
-    indices = np.empty(nnz, np.int32)
-    data = np.empty(nnz, np.float32)
-    for rows, m in blocks:
-        if m.nnz:
-            start = indptr[rows[0]]
-            indices[start:start + m.nnz] = m.indices
-            data[start:start + m.nnz] = m.data
-    return sp.csr_matrix((data, indices, indptr), shape=(n_nodes, n_nodes))
 
 
 # ----------------------------------------------------------------------------- pruning, scores
@@ -474,17 +474,19 @@ def _as_csr(adjacency) -> sp.csr_matrix:
 
 
 def _normalize(A: sp.csr_matrix) -> sp.csr_matrix:
-    """|A| with every row scaled to sum 1 (rows of zeros stay zero)."""
-    a = abs(A).astype(np.float32)
-    sums = np.asarray(a.sum(axis=1), np.float32).ravel()
-    scale = (1.0 / np.maximum(sums, np.float32(1e-10))).astype(np.float32)
-    a.data *= np.repeat(scale, np.diff(a.indptr))
-    return a
+    """|A| with every row scaled to sum 1 (rows of zeros stay zero); one copy of A's data."""
+    data = np.abs(A.data, dtype=np.float32)
+    counts = np.diff(A.indptr)
+    sums = np.add.reduceat(data, A.indptr[:-1][counts > 0]) if data.size else data
+    scale = np.zeros(A.shape[0], np.float32)
+    scale[counts > 0] = 1.0 / np.maximum(sums, np.float32(1e-10))
+    data *= np.repeat(scale, counts)
+    return sp.csr_matrix((data, A.indices, A.indptr), shape=A.shape)
 
 
 def _influence(An: sp.csr_matrix, w: np.ndarray, max_iter: int = 1000) -> np.ndarray:
     """w A + w A^2 + ... = w ((I - A)^-1 - I), summed until the product is zero (a DAG)."""
-    At = An.T.tocsr()
+    At = An.T  # a CSC view: no copy
     cur = At @ w
     total = cur.copy()
     for _ in range(max_iter):
@@ -577,7 +579,7 @@ def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8,
     infl = _influence(_normalize(A), w)
     node_mask = infl >= _threshold(infl, node_threshold)
     node_mask[graph.token_start:] = True
-    rows = np.repeat(np.arange(n), np.diff(A.indptr))
+    rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(A.indptr))
     cols = A.indices
     inside = node_mask[rows] & node_mask[cols]
     P = sp.csr_matrix((np.where(inside, A.data, np.float32(0)), cols, A.indptr), shape=A.shape)
