@@ -173,13 +173,10 @@ def planted_mlp_circuit(a_tok=3, b_tok=5, seed=0):
     return tinyinterp.HookedTransformer(cfg, P)
 
 
-def test_planted_mlp_circuit_survives_pruning():
-    model = planted_mlp_circuit()
-    prompt = np.array([1, 6, 3, 4], np.int32)  # a_tok=3 at position 2, the answer read at 3
-    g = graphs.attribution_graph(model, T.from_mlps(model), prompt)
+def test_planted_mlp_circuit_survives_pruning(planted_graph):
+    model, tc, prompt, g, pr = planted_graph  # a_tok=3 at position 2, the answer read at 3
     assert g.logit_tokens.tolist() == [5]
     assert_exact(g)
-    pr = graphs.prune_graph(g)
     planted = [g.token_node(2), g.feature_node(0, 2, 0), g.feature_node(1, 3, 0), g.logit_node(5)]
     assert pr.node_mask[planted].all()
     kept_features = {tuple(g.active_features[i]) for i in pr.nodes if i < g.n_features}
@@ -187,6 +184,81 @@ def test_planted_mlp_circuit_survives_pruning():
     tgt, src, _ = pr.edges()
     chain = {(planted[1], planted[0]), (planted[2], planted[1]), (planted[3], planted[2])}
     assert chain <= set(zip(tgt.tolist(), src.tolist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def planted_graph():
+    model = planted_mlp_circuit()
+    prompt = np.array([1, 6, 3, 4], np.int32)
+    tc = T.from_mlps(model)
+    g = graphs.attribution_graph(model, tc, prompt)
+    return model, tc, prompt, g, graphs.prune_graph(g)
+
+
+def test_frontend_json_schema_and_node_ids(planted_graph, tmp_path):
+    import json
+    model, tc, prompt, g, pr = planted_graph
+    labels = [chr(ord("a") + i) for i in range(8)]
+    graphs.save_graph_json(tmp_path / "g.json", pr, slug="planted", token_labels=labels)
+    d = json.loads((tmp_path / "g.json").read_text())
+    assert set(d) == {"metadata", "qParams", "nodes", "links"}
+    assert d["metadata"]["slug"] == "planted" and d["metadata"]["prompt_tokens"] == list("bgde")
+    assert d["metadata"]["node_threshold"] == 0.8
+    ids = {n["node_id"]: n for n in d["nodes"]}
+    # circuit-tracer's ids: feature {layer}_{feature}_{pos}, token E_{id}_{pos}, logit
+    # {n_layers + 1}_{id}_{pos}; error 0_{layer}_{pos}
+    assert {"0_0_2", "1_0_3", "E_3_2", "3_5_3"} <= set(ids)
+    assert ids["0_0_2"]["feature_type"] == "cross layer transcoder"
+    assert ids["0_0_2"]["activation"] == pytest.approx(1.0)
+    assert ids["3_5_3"]["feature_type"] == "logit" and ids["3_5_3"]["is_target_logit"]
+    assert ids["3_5_3"]["clerp"].startswith('Output "f" (p=')
+    assert ids["E_3_2"]["layer"] == "E" and ids["E_3_2"]["jsNodeId"] == "E_3-2"
+    keys = {"node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob",
+            "is_target_logit", "run_idx", "reverse_ctx_idx", "jsNodeId", "clerp", "influence",
+            "activation"}
+    assert all(set(n) == keys for n in d["nodes"])
+    A = g.dense()
+    for link in d["links"]:
+        assert link["source"] in ids and link["target"] in ids
+    w = {(lk["target"], lk["source"]): lk["weight"] for lk in d["links"]}
+    assert w[("1_0_3", "0_0_2")] == pytest.approx(float(A[g.feature_node(1, 3, 0),
+                                                           g.feature_node(0, 2, 0)]))
+    assert len(d["links"]) == pr.edge_mask.sum()
+
+
+def test_graph_view_in_chromium(planted_graph, tmp_path):
+    from tinyinterp.views import graph_view
+    from tinyinterp.views._chromium import Browser, find_chromium
+    if find_chromium() is None:
+        import os
+        if os.environ.get("CI") == "true":
+            pytest.fail("Chromium is not installed")
+        pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    model, tc, prompt, g, pr = planted_graph
+    labels = [chr(ord("a") + i) for i in range(8)]
+    data = np.array([[1, 6, 3, 4], [3, 3, 0, 1], [2, 2, 2, 2]], np.int32)
+    ex = graphs.feature_examples(model, tc, data, [(0, 0), (1, 0)], n_examples=2, context=2)
+    assert [e["seq"] for e in ex["0_0"]] == [0, 1] and ex["0_0"][0]["max"] == pytest.approx(1.0)
+    view = graph_view(pr, examples=ex, token_labels=labels)
+    path = view.save(tmp_path / "graph.html")
+    d = graphs.graph_json(pr)
+    with Browser() as b:
+        page = b.page()
+        page.open(path)
+        assert page.eval("document.querySelector('.ti-view').getAttribute('data-ti-ready')") == "1"
+        assert page.eval("document.querySelectorAll('.ti-node').length") == len(d["nodes"])
+        assert page.eval("document.querySelectorAll('line.ti-edge').length") == len(d["links"])
+        page.hover('[data-node="0_0_2"]')
+        text = page.eval("document.querySelector('.ti-tip').textContent")
+        assert "feature 0 of layer 0 at pos 2" in text and "activation: 1.0000" in text
+        assert "top-activating examples" in text and "b g [d] e" in text
+        page.click('[data-node="1_0_3"]')
+        n_edges = sum(1 for lk in d["links"] if "1_0_3" in (lk["source"], lk["target"]))
+        assert page.eval("document.querySelectorAll('line.ti-edge:not(.ti-dim)').length") == n_edges
+        assert page.console_errors() == []
+        urls = page.requests()
+        assert urls[0].endswith("graph.html") and all(u.startswith("data:") for u in urls[1:])
+        page.screenshot(tmp_path / "graph.png")
 
 
 def test_attention_only_model_has_only_tokens_and_logits():

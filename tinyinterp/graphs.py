@@ -61,6 +61,7 @@ from tinyinterp.transcoders import Transcoders, mlp_input_hook
 __all__ = [
     "AttributionGraph", "GraphScores", "PruneResult", "attribution_graph", "prune_graph",
     "graph_scores", "node_influence", "FeatureIntervention", "InterventionResult", "intervene",
+    "graph_json", "save_graph_json", "feature_examples",
 ]
 
 
@@ -458,7 +459,7 @@ def attribution_graph(model, transcoders: Transcoders | None, tokens, *, max_n_l
     error_norms = np.linalg.norm(np.asarray(run["errors"]), axis=-1)  # [layer, pos]
     settings = {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob,
                 "batch_size": batch_size, "architecture": tc.architecture,
-                "cross_layer": tc.cross_layer, "skip": tc.skip}
+                "cross_layer": tc.cross_layer, "skip": tc.skip, "model_n_layers": cfg.n_layers}
     return AttributionGraph(adjacency, constant, values, toks, feats, acts, logit_ids, logit_p,
                             n_mlp, error_norms, settings)
 
@@ -816,3 +817,113 @@ def _intervened_run(params, tc: Transcoders, toks, clean, edits, *, cfg, lo: int
     hooks += [(f"blocks.{i}.hook_mlp_out", write) for i in range(n_mlp)]
     logits = forward(params, cfg, toks[None], fwd_hooks=hooks, backend="xla")[0]
     return logits, [state["used"][i] for i in range(n_mlp)], [state["pre"][i] for i in range(n_mlp)]
+
+
+# ----------------------------------------------------------------------------- frontend JSON
+def _token_text(t: int, token_labels) -> str:
+    return str(token_labels[t]) if token_labels is not None else str(t)
+
+
+def graph_json(pruned: PruneResult, *, slug: str = "graph", scan: str = "tinyinterp",
+               token_labels: Sequence[str] | None = None, prompt: str | None = None,
+               num_features: int | None = None) -> dict:
+    """The pruned graph in the schema of the public attribution-graph frontend (circuit-tracer's
+    ``create_graph_files``): ``metadata`` (slug, scan, transcoder_list, prompt_tokens, prompt,
+    node_threshold), ``qParams``, ``nodes`` and ``links`` (source, target, weight), with its
+    node ids: feature ``{layer}_{feature}_{pos}``, error ``0_{layer}_{pos}``, token
+    ``E_{token}_{pos}``, logit ``{n_layers + 1}_{token}_{pos}``; ``influence`` is the node's
+    cumulative influence score. ``num_features``: the transcoder width, to number features
+    ``feature + 10^ceil(log10(num_features)) * layer`` as the frontend does for a whole scan."""
+    g = pruned.graph
+    n_model_layers = int(g.settings.get("model_n_layers", g.n_layers))
+    offset = 10 ** math.ceil(math.log10(num_features)) if num_features else 0
+    cum = pruned.cumulative_scores
+    nodes: dict[int, dict] = {}
+
+    def node(i, node_id, feature, layer, pos, ftype, js, **extra):
+        nodes[i] = {"node_id": node_id, "feature": int(feature), "layer": str(layer),
+                    "ctx_idx": int(pos), "feature_type": ftype, "token_prob": 0.0,
+                    "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
+                    "jsNodeId": js, "clerp": "", "influence": float(cum[i]),
+                    "activation": None, **extra}
+
+    for i in np.nonzero(pruned.node_mask)[0].tolist():
+        kind = g.kind(i)
+        if kind == "feature":
+            layer, pos, f = (int(v) for v in g.active_features[i])
+            node(i, f"{layer}_{f}_{pos}", f + offset * layer, layer, pos, "cross layer transcoder",
+                 f"{layer}_{f}-0", activation=float(g.activations[i]))
+        elif kind == "error":
+            layer, pos = divmod(i - g.error_start, g.n_pos)
+            node(i, f"0_{layer}_{pos}", -1, layer, pos, "mlp reconstruction error",
+                 f"{layer}_{pos}-0")
+        elif kind == "token":
+            pos = i - g.token_start
+            t = int(g.tokens[pos])
+            node(i, f"E_{t}_{pos}", pos, "E", pos, "embedding", f"E_{t}-{pos}")
+        else:
+            j = i - g.logit_start
+            t, p = int(g.logit_tokens[j]), float(g.logit_probabilities[j])
+            node(i, f"{n_model_layers + 1}_{t}_{g.n_pos - 1}", t, n_model_layers + 1, g.n_pos - 1,
+                 "logit", f"L_{t}-{g.n_pos - 1}", token_prob=p, is_target_logit=j == 0,
+                 clerp=f'Output "{_token_text(t, token_labels)}" (p={p:.3f})')
+            nodes[i]["influence"] = None
+    tgt, src, wt = pruned.edges()
+    links = [{"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(w)}
+             for t, s, w in zip(tgt.tolist(), src.tolist(), wt.tolist(), strict=True)
+             if s in nodes and t in nodes]
+    connected = {x for link in links for x in (link["source"], link["target"])}
+    used = [n for n in nodes.values()
+            if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
+    prompt_tokens = [_token_text(int(t), token_labels) for t in g.tokens]
+    return {"metadata": {"slug": slug, "scan": scan, "transcoder_list": [],
+                         "prompt_tokens": prompt_tokens,
+                         "prompt": prompt if prompt is not None else " ".join(prompt_tokens),
+                         "node_threshold": pruned.node_threshold},
+            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
+                        "sg_pos": ""},
+            "nodes": used, "links": links}
+
+
+def save_graph_json(path, pruned: PruneResult, **kwargs) -> None:
+    """``graph_json`` written atomically to ``path`` (never half-written)."""
+    import json
+
+    from tinyinterp.reproduce._io import write_atomic
+
+    write_atomic(path, json.dumps(graph_json(pruned, **kwargs), allow_nan=False))
+
+
+def feature_examples(model, transcoders: Transcoders, tokens, features, *, n_examples: int = 5,
+                     context: int = 6, batch_size: int = 64) -> dict:
+    """Top-activating examples of transcoder features over ``tokens`` [n_seq, pos]: {"{layer}_
+    {feature}": [{"tokens": [ids], "acts": [...], "max": float, "seq": int, "pos": int}]}, the
+    ``n_examples`` sequences with the largest activation, each a window of ``context`` tokens
+    either side of its maximum."""
+    cfg = model.cfg
+    tokens = np.asarray(tokens)
+    features = sorted({(int(layer), int(f)) for layer, f in features})
+    for layer, f in features:
+        if not 0 <= layer < transcoders.n_layers or not 0 <= f < transcoders.n_features(layer):
+            raise ValueError(f"unknown feature {f} of layer {layer}")
+    names = [mlp_input_hook(cfg, layer) for layer in range(transcoders.n_layers)]
+    acts = {k: [] for k in features}
+    for s in range(0, tokens.shape[0], batch_size):
+        _, cache = model.run_with_cache(tokens[s:s + batch_size], names_filter=names)
+        for layer, f in features:
+            x = cache[names[layer]]  # [batch, pos, d_model]
+            a = transcoders.encode(layer, x.reshape(-1, x.shape[-1]))[1][:, f]
+            acts[(layer, f)].append(np.asarray(a).reshape(x.shape[:2]))
+    out = {}
+    for (layer, f), parts in acts.items():
+        a = np.concatenate(parts)  # [n_seq, pos]
+        best = a.max(axis=1)
+        rows = [int(r) for r in np.argsort(-best, kind="stable")[:n_examples] if best[r] > 0]
+        ex = []
+        for r in rows:
+            p = int(np.argmax(a[r]))
+            lo, hi = max(0, p - context), min(a.shape[1], p + context + 1)
+            ex.append({"tokens": tokens[r, lo:hi].tolist(), "acts": a[r, lo:hi].tolist(),
+                       "max": float(best[r]), "seq": r, "pos": p})
+        out[f"{layer}_{f}"] = ex
+    return out

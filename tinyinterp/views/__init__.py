@@ -11,14 +11,17 @@ offline. Several views can share one notebook or page: each is scoped to its own
     views.TokenAttributionView({"IG": ig, "saliency": sal, "occlusion": occ})
     views.PatchingView({"activation": act, "attribution": approx}, token_labels=labels)
     views.feature_view(model, sae_params, tokens, "blocks.0.hook_resid_post", [3, 7])
+    views.graph_view(graphs.prune_graph(graph), examples=graphs.feature_examples(...))
     views.ReportView.from_dir("runs/induction").save("runs/induction/report.html")
 """
 
 from tinyinterp.views.attention import AttentionView, attention_view
 from tinyinterp.views.attributions import TokenAttributionView
 from tinyinterp.views.features import FeatureView, feature_view
+from tinyinterp.views.graph import GraphView, graph_view
 from tinyinterp.views.patching import PatchingView
 from tinyinterp.views.report import ReportView, markdown_to_html
 
 __all__ = ["AttentionView", "attention_view", "TokenAttributionView", "PatchingView",
-           "FeatureView", "feature_view", "ReportView", "markdown_to_html"]
+           "FeatureView", "feature_view", "GraphView", "graph_view", "ReportView",
+           "markdown_to_html"]
