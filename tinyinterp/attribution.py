@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from tinyinterp import sweeps
 from tinyinterp.cache import ActivationCache
 from tinyinterp.hooks import hook_names, resolve_names
 from tinyinterp.model import activation, check_tokens, forward, forward_with_cache
@@ -617,14 +618,22 @@ def integration_points(steps: int, method: str = "gausslegendre"
     return a.astype(np.float32), w.astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("names", "steps", "method", "chunk", "metric_static"))
-def _ig(model, tokens, x, base, metric_dyn, metric_static, names, steps, method, chunk):
-    metric = metric_dyn if metric_static is None else metric_static
+def _ig_points(steps: int, method: str, chunk: int, groups: int = 1):
+    """The quadrature's points and weights as [groups, n_chunks, chunk] (groups: one per device),
+    padded with weight-0 points."""
     alphas, weights = integration_points(steps, method)
-    n_chunks = -(-steps // chunk)
-    pad = n_chunks * chunk - steps  # padded points have weight 0
-    alphas = jnp.asarray(np.concatenate([alphas, np.zeros(pad, np.float32)]).reshape(n_chunks, chunk))
-    weights = jnp.asarray(np.concatenate([weights, np.zeros(pad, np.float32)]).reshape(n_chunks, chunk))
+    per = -(-steps // groups)
+    n_chunks = -(-per // chunk)
+    pad = groups * n_chunks * chunk - steps  # padded points have weight 0
+    shape = (groups, n_chunks, chunk)
+    return (jnp.asarray(np.concatenate([alphas, np.zeros(pad, np.float32)]).reshape(shape)),
+            jnp.asarray(np.concatenate([weights, np.zeros(pad, np.float32)]).reshape(shape)))
+
+
+def _ig_weighted_grads(model, tokens, x, base, metric, names, alphas, weights):
+    """sum_i w_i * d f(base + a_i (x - base)) / d point, per name; alphas, weights: [n_chunks,
+    chunk], each chunk's points folded into the batch and the chunks scanned."""
+    chunk = alphas.shape[1]
     diff = {n: x[n] - base[n] for n in names}
     n_batch = tokens.shape[0]
 
@@ -647,18 +656,54 @@ def _ig(model, tokens, x, base, metric_dyn, metric_static, names, steps, method,
         return out, None
 
     zero = {n: jnp.zeros_like(x[n]) for n in names}
-    mean_grad, _ = jax.lax.scan(step, zero, (alphas, weights))
-    parts = {n: diff[n] * mean_grad[n] for n in names}
+    return jax.lax.scan(step, zero, (alphas, weights))[0]
+
+
+def _ig_result(model, tokens, x, base, metric, names, mean_grad):
+    parts = {n: (x[n] - base[n]) * mean_grad[n] for n in names}
     values = functools.reduce(jnp.add, parts.values())
     ends = _folded_metric(model, tokens, metric, 1, _replace_hooks(x))[0]
     starts = _folded_metric(model, tokens, metric, 1, _replace_hooks(base))[0]
-    err = jnp.sum(values.reshape(n_batch, -1), axis=-1) - (ends - starts)
+    err = jnp.sum(values.reshape(tokens.shape[0], -1), axis=-1) - (ends - starts)
     return values, parts, ends, starts, err
+
+
+@functools.partial(jax.jit, static_argnames=("names", "steps", "method", "chunk", "metric_static"))
+def _ig(model, tokens, x, base, metric_dyn, metric_static, names, steps, method, chunk):
+    metric = metric_dyn if metric_static is None else metric_static
+    alphas, weights = _ig_points(steps, method, chunk)
+    mean_grad = _ig_weighted_grads(model, tokens, x, base, metric, names, alphas[0], weights[0])
+    return _ig_result(model, tokens, x, base, metric, names, mean_grad)
+
+
+@functools.partial(jax.jit, static_argnames=("names", "metric_static"))
+def _ig_finish(model, tokens, x, base, metric_dyn, metric_static, names, mean_grad):
+    metric = metric_dyn if metric_static is None else metric_static
+    return _ig_result(model, tokens, x, base, metric, names, mean_grad)
+
+
+def _ig_on_devices(model, tokens, x, base, dyn, static, names, steps, method, chunk, devices):
+    """_ig with the quadrature's points split over ``devices`` (tinyinterp.sweeps): each device
+    sums its points' weighted gradients, and the sums are added."""
+    mesh = sweeps.sweep_mesh(devices)
+    chunk = min(chunk, -(-steps // mesh.size))
+    alphas, weights = _ig_points(steps, method, chunk, mesh.size)  # [device, n_chunks, chunk]
+
+    def part(model, tokens, x, base, dyn, alphas, weights):  # one device's points
+        metric = dyn if static is None else static
+        return jax.vmap(lambda a, w: _ig_weighted_grads(model, tokens, x, base, metric, names,
+                                                        a, w))(alphas, weights)
+
+    sums = sweeps.map_sweep(part, (model, tokens, x, base, dyn, alphas, weights),
+                            (None, None, None, None, None, 0, 0), devices)
+    mean_grad = {n: jnp.asarray(np.sum(sums[n], axis=0)) for n in names}
+    return _ig_finish(model, tokens, x, base, dyn, static, names, mean_grad)
 
 
 def integrated_gradients(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *,
                          steps: int = 50, method: str = "gausslegendre", baseline: Any = "zeros",
-                         at: str | None = None, chunk_size: int | None = None) -> Attribution:
+                         at: str | None = None, chunk_size: int | None = None,
+                         devices: sweeps.Devices = None) -> Attribution:
     """Integrated gradients (Sundararajan, Taly & Yan 2017, "Axiomatic Attribution for Deep
     Networks"): IG_i = (x_i - x'_i) * int_0^1 d f(x' + a (x - x')) / d x_i da, by the quadrature
     ``method`` (``integration_points``: Captum's riemann_* and gausslegendre, default 50 points).
@@ -676,7 +721,10 @@ def integrated_gradients(model, tokens: Int[Array, "batch pos"], metric: MetricF
     where the path is steep: "zeros" at the embeddings of a normed model is one such baseline
     (LN(a x) = LN(x), so f is flat for a > 0 and jumps near a = 0, which Riemann rules with a
     point at 0 miss), and so is a path on which a narrow residual's norm nearly vanishes. Prefer
-    a PAD token or the mean embedding, and watch the error."""
+    a PAD token or the mean embedding, and watch the error.
+
+    ``devices`` (a count, a Mesh or a list of devices) splits the points over several devices
+    or hosts (``tinyinterp.sweeps``): each sums its points' gradients, the sums are added."""
     tokens = _tokens(model, tokens)
     steps = _check_steps(steps)
     integration_points(steps, method)  # validates method and steps together
@@ -685,7 +733,9 @@ def integrated_gradients(model, tokens: Int[Array, "batch pos"], metric: MetricF
     x = _clean(model, tokens, names)
     base = _baseline(model, tokens, names, x, baseline)
     chunk = _chunk(steps, tokens.shape[0], model.cfg, tokens.shape[1], chunk_size)
-    values, parts, ends, starts, err = _ig(model, tokens, x, base, dyn, static, names, steps,
+    run = _ig if sweeps.sweep_mesh(devices) is None else functools.partial(_ig_on_devices,
+                                                                            devices=devices)
+    values, parts, ends, starts, err = run(model, tokens, x, base, dyn, static, names, steps,
                                            method, chunk)
     b_desc = baseline if isinstance(baseline, (str, int)) else type(baseline).__name__
     return _result("integrated_gradients", model, tokens, names, values, parts, ends,
@@ -721,13 +771,30 @@ def _variants(model, tokens, variants, metric_dyn, metric_static, n_variants, ch
     return out.reshape(n_chunks * chunk, n_batch)[:n_variants]
 
 
+def _variants_on(model, tokens, variants, dyn, static, chunk, hooked, devices):
+    """_variants of every variant, split over ``devices`` (tinyinterp.sweeps) when several."""
+    n = variants.shape[0]
+    mesh = sweeps.sweep_mesh(devices)
+    if mesh is None:
+        return _variants(model, tokens, variants, dyn, static, n, chunk, hooked)
+    per = sweeps.padded_length(n, mesh) // mesh.size  # each device's variants
+
+    def part(model, tokens, variants, dyn):
+        return _variants(model, tokens, variants, dyn, static, per, min(chunk, per), hooked)
+
+    return jnp.asarray(sweeps.map_sweep(part, (model, tokens, variants, dyn),
+                                        (None, None, 0, None), devices))
+
+
 def occlusion(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *, window: int = 1,
-              stride: int = 1, baseline_token: Any = 0, chunk_size: int | None = None) -> Occlusion:
+              stride: int = 1, baseline_token: Any = 0, chunk_size: int | None = None,
+              devices: sweeps.Devices = None) -> Occlusion:
     """Occlusion (Zeiler & Fergus 2014; Captum's Occlusion): replace each window of ``window``
     consecutive tokens (starts 0, stride, ...) by ``baseline_token`` (an int, or [batch, pos] /
     [pos] ids) and measure f(x) - f(x_occluded); each position's value is the mean over the
     windows that cover it (window=1: feature ablation per token). Every variant runs in one
-    compiled program (``chunk_size`` variants per step). -> Occlusion, values [batch, pos]."""
+    compiled program (``chunk_size`` variants per step; ``devices``: split over several devices
+    or hosts, tinyinterp.sweeps). -> Occlusion, values [batch, pos]."""
     tokens = _tokens(model, tokens)
     n_batch, n_pos = tokens.shape
     for what, v in (("window", window), ("stride", stride)):
@@ -757,7 +824,7 @@ def occlusion(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *, windo
     variants = jnp.concatenate([tokens[None], variants])
     dyn, static = _split_metric(metric, model, tokens.shape[0])
     chunk = _chunk(len(starts) + 1, n_batch, model.cfg, n_pos, chunk_size)
-    f_all = _variants(model, tokens, variants, dyn, static, len(starts) + 1, chunk, None)
+    f_all = _variants_on(model, tokens, variants, dyn, static, chunk, None, devices)
     f_x, f_v = f_all[0], f_all[1:]  # [batch], [n, batch]
     deltas = (f_x[None] - f_v).T  # [batch, n]
     count = mask.sum(0).astype(np.float32)  # windows covering each position
@@ -770,13 +837,14 @@ def occlusion(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *, windo
 
 
 def feature_ablation(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *, at: str,
-                     baseline: Any = "zeros", by: str = "pos", chunk_size: int | None = None
-                     ) -> Occlusion:
+                     baseline: Any = "zeros", by: str = "pos", chunk_size: int | None = None,
+                     devices: sweeps.Devices = None) -> Occlusion:
     """Feature ablation at a hook point (Captum's FeatureAblation): replace one group of the
     point's activation by the baseline ("zeros", "mean", int baseline tokens, an array; as in
     ``integrated_gradients``) and measure f(x) - f(x_ablated). ``by``: "pos" (each position),
     "head" (each head of a per-head or pattern point) or "pos_head" (each (position, head)).
-    All groups run in one compiled program. -> Occlusion, values [batch, groups...]."""
+    All groups run in one compiled program (``devices``: split over several devices or hosts,
+    tinyinterp.sweeps). -> Occlusion, values [batch, groups...]."""
     tokens = _tokens(model, tokens)
     names = _resolve_target(model, at)
     if names == EMBEDDINGS:
@@ -804,7 +872,7 @@ def feature_ablation(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *
     variants = jnp.concatenate([x[None], variants])  # variant 0: x itself (as in occlusion)
     dyn, static = _split_metric(metric, model, tokens.shape[0])
     chunk = _chunk(n + 1, tokens.shape[0], model.cfg, tokens.shape[1], chunk_size)
-    f_all = _variants(model, tokens, variants, dyn, static, n + 1, chunk, name)
+    f_all = _variants_on(model, tokens, variants, dyn, static, chunk, name, devices)
     f_x, f_v = f_all[0], f_all[1:]
     deltas = (f_x[None] - f_v).T  # [batch, n]
     labels = tuple((a, tuple((f"p{i}" if "pos" in a else f"H{i}") for i in range(s)))

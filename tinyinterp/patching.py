@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
+from tinyinterp import sweeps
 from tinyinterp.config import TransformerConfig
 from tinyinterp.hooks import get_act_name, hook_names, unknown_hook_error
 from tinyinterp.model import HookedTransformer, check_tokens, forward, forward_with_cache
@@ -460,9 +461,11 @@ def _reduce(values: jax.Array, reduce: str | None) -> np.ndarray:
 
 def _run_groups(model: HookedTransformer, tokens, source_cache: Mapping, metric: Metric,
                 specs: Sequence[tuple[str, Mapping | None, tuple[str, ...]]], *,
-                chunk_size: int | None, source_arrays: Sequence[jax.Array] | None = None):
+                chunk_size: int | None, source_arrays: Sequence[jax.Array] | None = None,
+                devices: sweeps.Devices = None):
     """Validate and run groups given as (hook name, index, swept axes). Returns the target
-    metric [batch], one [n_patches, batch] per group, the source metric or None, and the groups."""
+    metric [batch], one [n_patches, batch] per group, the source metric or None, and the groups.
+    ``devices``: each group's patches split over several devices or hosts (tinyinterp.sweeps)."""
     cfg = model.cfg
     tokens = check_tokens(tokens, cfg)
     names = [_check_hook(n, cfg) for n, _, _ in specs]
@@ -499,10 +502,23 @@ def _run_groups(model: HookedTransformer, tokens, source_cache: Mapping, metric:
                    and tuple(np.shape(source_cache[resid0])) == (*tokens.shape, cfg.d_model))
     source_resid = jnp.asarray(source_cache[resid0], jnp.float32) if with_source else None
     leaves, static = _split_metric(metric)
-    baseline, outs, source = _sweep_program(
-        model.params, tokens, tuple(sources), tuple(bases), tuple(indices), source_resid, leaves,
-        cfg=cfg, metric_static=static, groups=tuple(groups), chunk_size=chunk_size,
-        with_source=with_source)
+    program = functools.partial(_sweep_program, cfg=cfg, metric_static=static,
+                                groups=tuple(groups), chunk_size=chunk_size,
+                                with_source=with_source)
+    args = (model.params, tokens, tuple(sources), tuple(bases), tuple(indices), source_resid,
+            leaves)
+    mesh = sweeps.sweep_mesh(devices)
+    if mesh is None:
+        baseline, outs, source = program(*args)
+        return baseline, outs, source, groups, chunk_size
+    # the patches (indices) split over the devices; the target and source runs on each
+    in_axes = (None, None, None, None, 0, None, None)
+    args = args[:4] + (tuple(sweeps.pad(ix, mesh) for ix in indices),) + args[5:]
+    placed = tuple(sweeps.put(a, mesh, ax) for a, ax in zip(args, in_axes, strict=True))
+    baseline, outs, source = sweeps.compile_sweep(program, mesh, in_axes, (None, 0, None))(
+        *placed)
+    outs = [jnp.asarray(sweeps.fetch(o, ix.shape[0])) for o, ix in zip(outs, indices, strict=True)]
+    baseline, source = jax.tree_util.tree_map(jnp.asarray, sweeps.fetch((baseline, source)))
     return baseline, outs, source, groups, chunk_size
 
 
@@ -513,7 +529,8 @@ def _labels(axis: str, n: int) -> tuple[str, ...]:
 def activation_patch(model: HookedTransformer, tokens: Int[Array, "batch pos"],
                      source_cache: Mapping, metric: Metric, hook: str,
                      index: Mapping | None = None, *, over: Sequence[str] = (),
-                     reduce: str | None = "mean", chunk_size: int | None = None) -> PatchResult:
+                     reduce: str | None = "mean", chunk_size: int | None = None,
+                     devices: sweeps.Devices = None) -> PatchResult:
     """Patch hook point ``hook`` from ``source_cache`` into the run on ``tokens``; the metric.
 
     ``index`` picks what is patched: None = the whole activation (every position at once), or
@@ -524,11 +541,14 @@ def activation_patch(model: HookedTransformer, tokens: Int[Array, "batch pos"],
 
     Denoising: ``tokens`` = corrupted, ``source_cache`` = the clean run's cache; noising: the
     other way round. Returns a PatchResult with axes ``over`` (plus "batch" if ``reduce=None``).
+    ``devices`` (a count, a Mesh or a list of devices): the patches split over several devices
+    or hosts (``tinyinterp.sweeps``).
     """
     model = _check_model(model)
     over = tuple(over)
     baseline, outs, source, groups, chunk = _run_groups(
-        model, tokens, source_cache, metric, [(hook, index, over)], chunk_size=chunk_size)
+        model, tokens, source_cache, metric, [(hook, index, over)], chunk_size=chunk_size,
+        devices=devices)
     g = groups[0]
     vals = np.asarray(outs[0]).reshape(g.sweep_shape + (outs[0].shape[-1],))
     return PatchResult(
@@ -588,7 +608,8 @@ def _family(name: str, cfg: TransformerConfig) -> _Family:
 
 
 def _families_sweep(model: HookedTransformer, tokens, source_cache: Mapping, metric: Metric,
-                    families: Sequence[str], *, reduce: str | None, chunk_size: int | None):
+                    families: Sequence[str], *, reduce: str | None, chunk_size: int | None,
+                    devices: sweeps.Devices = None):
     """Every family's sweep over every layer in one compiled program. Returns per family the
     values [layer, *sweep, batch] and the labels, plus the baseline and source metrics."""
     model = _check_model(model)
@@ -597,7 +618,8 @@ def _families_sweep(model: HookedTransformer, tokens, source_cache: Mapping, met
     specs = [(get_act_name(f.act, layer), None, f.swept) for f in fams
              for layer in range(cfg.n_layers)]
     baseline, outs, source, groups, chunk = _run_groups(model, tokens, source_cache, metric,
-                                                        specs, chunk_size=chunk_size)
+                                                        specs, chunk_size=chunk_size,
+                                                        devices=devices)
     per_family = []
     for i, _ in enumerate(fams):
         layers = []
@@ -609,10 +631,11 @@ def _families_sweep(model: HookedTransformer, tokens, source_cache: Mapping, met
     return per_family, baseline, source, chunk
 
 
-def _family_result(family: str, model, tokens, source_cache, metric, *, reduce, chunk_size
-                   ) -> PatchResult:
+def _family_result(family: str, model, tokens, source_cache, metric, *, reduce, chunk_size,
+                   devices: sweeps.Devices = None) -> PatchResult:
     per_family, baseline, source, chunk = _families_sweep(
-        model, tokens, source_cache, metric, [family], reduce=reduce, chunk_size=chunk_size)
+        model, tokens, source_cache, metric, [family], reduce=reduce, chunk_size=chunk_size,
+        devices=devices)
     vals, sweep_shape = per_family[0]
     fam = FAMILIES[family]
     return _result(vals, ("layer",) + fam.labels, (model.cfg.n_layers,) + sweep_shape, baseline,
@@ -636,9 +659,9 @@ def _make_family_fn(family: str) -> Callable[..., PatchResult]:
 
     def fn(model: HookedTransformer, corrupted_tokens: Int[Array, "batch pos"],
            clean_cache: Mapping, patching_metric: Metric, *, reduce: str | None = "mean",
-           chunk_size: int | None = None) -> PatchResult:
+           chunk_size: int | None = None, devices: sweeps.Devices = None) -> PatchResult:
         return _family_result(family, model, corrupted_tokens, clean_cache, patching_metric,
-                              reduce=reduce, chunk_size=chunk_size)
+                              reduce=reduce, chunk_size=chunk_size, devices=devices)
 
     shape = ", ".join(("n_layers",) + tuple("pos" if a.endswith("pos") else "n_heads"
                                              for a in fam.labels))
@@ -647,7 +670,8 @@ def _make_family_fn(family: str) -> Callable[..., PatchResult]:
                   f"layer, one patch per ({', '.join(fam.labels)}), from ``clean_cache`` into the "
                   f"run on ``corrupted_tokens``.\n\n    Returns a PatchResult of shape [{shape}] "
                   f"with axes {('layer',) + fam.labels} (plus \"batch\" with reduce=None); all "
-                  "patches run as one compiled batched program. ``patching_metric`` is "
+                  "patches run as one compiled batched program (``devices``: split over "
+                  "several devices or hosts, tinyinterp.sweeps). ``patching_metric`` is "
                   "fn(logits, tokens) -> [batch].")
     return fn
 

@@ -52,6 +52,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
+from tinyinterp import sweeps
 from tinyinterp.superposition import standard_promotion, uniform_from_counter
 
 Params = dict
@@ -525,9 +526,10 @@ def _split(batch, transcoder: bool):
     return batch, batch
 
 
-def _make_chunk(cfg: SAEConfig, batch_fn: Callable, n_steps: int, opt, k_max: int):
+def _make_chunk(cfg: SAEConfig, batch_fn: Callable, n_steps: int, opt, k_max: int, mesh=None):
     """One jitted scan of ``n_steps`` steps for a stack of runs [run, ...] that differ only in
-    their sparsity knob: each step draws ONE batch (shared by every run) and vmaps the update."""
+    their sparsity knob: each step draws ONE batch (shared by every run) and vmaps the update.
+    With a ``mesh``, each device runs its slice of the runs (tinyinterp.sweeps)."""
     tc = cfg.is_transcoder
 
     def one_run(params, opt_state, fired, knob, x, y):
@@ -550,14 +552,13 @@ def _make_chunk(cfg: SAEConfig, batch_fn: Callable, n_steps: int, opt, k_max: in
             params, opt_state, fired, knobs, x, y)
         return (params, opt_state, fired, knobs), stats  # stats: 5 x [run]
 
-    @jax.jit
     def chunk(params, opt_state, fired, knobs, start):
         steps = start + jnp.arange(n_steps, dtype=jnp.int32)  # [step]
         (params, opt_state, fired, _), stats = jax.lax.scan(
             step_fn, (params, opt_state, fired, knobs), steps)
         return (params, opt_state, fired), stats  # stats: 5 x [step, run]
 
-    return chunk
+    return sweeps.compile_sweep(chunk, mesh, in_axes=(0, 0, 0, 0, None), out_axes=(0, 1))
 
 
 def _cluster_picks(resid, sq, cfg: SAEConfig):
@@ -591,7 +592,7 @@ def _cluster_picks(resid, sq, cfg: SAEConfig):
     return top[order], d
 
 
-def _make_resample(cfg: SAEConfig, batch_fn: Callable, opt):
+def _make_resample(cfg: SAEConfig, batch_fn: Callable, opt, mesh=None):
     """A jitted resampling of a stack of runs [run, ...]: one candidate pool (shared) scored by
     each run's SAE, then the per-run resampling vmapped."""
     tc = cfg.is_transcoder
@@ -692,7 +693,6 @@ def _make_resample(cfg: SAEConfig, batch_fn: Callable, opt):
         )
         return new, opt_state, jnp.sum(dead)
 
-    @jax.jit
     def resample(params, opt_state, fired, keys, start, window_samples):
         xs, ys = [], []
         for i in range(cfg.resample_pool):  # fresh candidate batches (step indices < 0 unused)
@@ -704,7 +704,7 @@ def _make_resample(cfg: SAEConfig, batch_fn: Callable, opt):
         return jax.vmap(one_run, in_axes=(0, 0, 0, 0, None, None, None))(
             params, opt_state, fired, keys, window_samples, x, y)
 
-    return resample
+    return sweeps.compile_sweep(resample, mesh, in_axes=(0, 0, 0, 0, None, None))
 
 
 # Compiled chunk / resample functions per batch_fn object (weakly held), so repeated training on
@@ -760,6 +760,7 @@ def train_sae_sweep(
     *,
     params: Params | None = None,
     progress: Callable[[int, dict, Params], None] | None = None,
+    devices: sweeps.Devices = None,
 ) -> list[SAEResult]:
     """Train several SAEs that differ only in their sparsity knob (``l1_coefficient``,
     ``l0_coefficient`` or ``k``) as ONE compiled, batched program: the runs are stacked on a
@@ -768,7 +769,9 @@ def train_sae_sweep(
     ``keys``: one PRNG key per run (initialisation; run i equals ``train_sae(cfgs[i], keys[i],
     batch_fn)``, to float32 rounding). ``params``: optional start for every run (stacked
     [run, ...] or one set broadcast). ``progress(step, last_stats, params)`` after every chunk
-    (stats [run]). Returns one ``SAEResult`` per run, in order.
+    (stats [run]). Returns one ``SAEResult`` per run, in order. ``devices`` (a count, a Mesh or
+    a list of devices) splits the runs over several devices or hosts (``tinyinterp.sweeps``);
+    each run trains as on one device.
     """
     cfg = _shared_config(list(cfgs))
     n_runs = len(cfgs)
@@ -801,6 +804,10 @@ def train_sae_sweep(
                                  f"or {(n_runs,) + ref[n].shape}.")
     opt_state = jax.vmap(opt.init)(params)
     fired = jnp.zeros((n_runs, cfg.d_sae), jnp.int32)  # activations since the last resampling
+    mesh = sweeps.sweep_mesh(devices)
+    keys = keys + keys[-1:] * (sweeps.padded_length(n_runs, mesh) - n_runs)  # padded runs
+    params, opt_state, fired, knobs = sweeps.put(
+        sweeps.pad((params, opt_state, fired, knobs), mesh), mesh)
     names = ("loss", "mse", "penalty", "l0", "dead_fraction")
     hist = {k: [] for k in names}
     resampled: list[list] = [[] for _ in range(n_runs)]
@@ -812,9 +819,9 @@ def train_sae_sweep(
     stops = sorted(s for s in stops if 0 < s <= cfg.n_steps)
     # the compiled code depends on the shared settings (not the knob values, which are traced)
     ckey = (tuple((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-                  if f.name not in SWEEP_FIELDS), k_max, n_runs)
+                  if f.name not in SWEEP_FIELDS), k_max, len(keys), mesh)
     resample_fn = (
-        _compiled(batch_fn, (ckey, "resample"), lambda: _make_resample(cfg, batch_fn, opt))
+        _compiled(batch_fn, (ckey, "resample"), lambda: _make_resample(cfg, batch_fn, opt, mesh))
         if cfg.resample_every
         else None
     )
@@ -822,12 +829,12 @@ def train_sae_sweep(
     last = 0
     for stop in stops:
         n = stop - done
-        chunk = _compiled(batch_fn, (ckey, n), lambda n=n: _make_chunk(cfg, batch_fn, n, opt, k_max))
+        chunk = _compiled(batch_fn, (ckey, n), lambda n=n: _make_chunk(cfg, batch_fn, n, opt, k_max, mesh))
         (params, opt_state, fired), stats = chunk(params, opt_state, fired, knobs, jnp.int32(done))
-        for k, v in zip(names, stats, strict=True):
-            hist[k].append(np.asarray(v))  # [step, run]
+        for k, v in zip(names, sweeps.fetch(stats, n_runs, axis=1), strict=True):
+            hist[k].append(v)  # [step, run]
         done = stop
-        bad = ~np.all(np.isfinite(np.asarray(stats[0])), axis=0)  # [run]
+        bad = ~np.all(np.isfinite(hist["loss"][-1]), axis=0)  # [run]
         if bad.any():
             raise FloatingPointError(
                 f"SAE training loss became non-finite before step {done} in run(s) "
@@ -835,11 +842,11 @@ def train_sae_sweep(
             )
         if resample_fn is not None and done % cfg.resample_every == 0 and done <= last_resample:
             window = (done - last) * cfg.batch_size
-            run_keys = jnp.stack([jax.random.fold_in(k, done) for k in keys])
+            run_keys = sweeps.put(jnp.stack([jax.random.fold_in(k, done) for k in keys]), mesh)
             params, opt_state, n_dead = resample_fn(
                 params, opt_state, fired, run_keys, jnp.int32(done), jnp.float32(window),
             )
-            for r, nd in enumerate(np.asarray(n_dead)):
+            for r, nd in enumerate(sweeps.fetch(n_dead, n_runs)):
                 resampled[r].append((done, int(nd)))
             last = done
             fired = jnp.zeros_like(fired)
@@ -847,6 +854,8 @@ def train_sae_sweep(
             progress(done, {k: np.asarray(v[-1][-1]) for k, v in hist.items()}, params)
     history = {k: (np.concatenate(v) if v else np.zeros((0, n_runs), np.float32))
                for k, v in hist.items()}  # each [step, run]
+    if mesh is not None:  # back to host arrays, the padding dropped
+        params = jax.tree_util.tree_map(jnp.asarray, sweeps.fetch(params, n_runs))
     return [SAEResult({n: v[r] for n, v in params.items()}, c,
                       {k: history[k][:, r] for k in names}, resampled[r])
             for r, c in enumerate(cfgs)]

@@ -65,6 +65,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, UInt32
 
+from tinyinterp import sweeps
 from tinyinterp.train import standard_promotion  # noqa: F401  (re-exported for tinyinterp.sae)
 
 Params = dict  # {"W": [(instance,) feature, hidden], "b": [(instance,) feature]}
@@ -363,8 +364,9 @@ def _optimizer(cfg: ToyModelConfig) -> optax.GradientTransformation:
     )
 
 
-def _make_chunk_fn(cfg: ToyModelConfig, n_steps: int, vmapped: bool):
-    """Jitted function running ``n_steps`` steps of one instance (or of all, vmapped)."""
+def _make_chunk_fn(cfg: ToyModelConfig, n_steps: int, vmapped: bool, mesh=None):
+    """Jitted function running ``n_steps`` steps of one instance (or of all, vmapped; with a
+    ``mesh``, each device runs its slice of the instances: tinyinterp.sweeps)."""
     opt = _optimizer(cfg)
     grad_fn = jax.value_and_grad(_instance_loss_feature_major)
 
@@ -381,33 +383,35 @@ def _make_chunk_fn(cfg: ToyModelConfig, n_steps: int, vmapped: bool):
         return params, opt_state, losses  # losses [step]
 
     if vmapped:  # instance axis 0 on everything except the shared start step
-        return jax.jit(jax.vmap(one_instance, in_axes=(0, 0, 0, 0, 0, None)))
+        axes = (0, 0, 0, 0, 0, None)
+        return sweeps.compile_sweep(jax.vmap(one_instance, in_axes=axes), mesh, in_axes=axes)
     return jax.jit(one_instance)
 
 
-def _chunk_fn(cfg: ToyModelConfig, n_steps: int, vmapped: bool):
+def _chunk_fn(cfg: ToyModelConfig, n_steps: int, vmapped: bool, mesh=None):
     # Compiled functions depend on the training-relevant fields only (not on n_instances, nor on
     # n_steps unless the lr schedule is defined over it, nor on the init).
     total = cfg.n_steps if cfg.lr_schedule != "constant" else 0
     return _cached_chunk_fn(dataclasses.replace(cfg, n_instances=1, n_steps=total, init_std=None),
-                            n_steps, vmapped)
+                            n_steps, vmapped, mesh)
 
 
 @functools.lru_cache(maxsize=32)  # bounded: a long sweep of configs does not grow it forever
-def _cached_chunk_fn(cfg: ToyModelConfig, n_steps: int, vmapped: bool):
-    return _make_chunk_fn(cfg, n_steps, vmapped)
+def _cached_chunk_fn(cfg: ToyModelConfig, n_steps: int, vmapped: bool, mesh=None):
+    return _make_chunk_fn(cfg, n_steps, vmapped, mesh)
 
 
-def _run(cfg, params, opt_state, seeds, importance, prob, start, n_steps, vmapped, progress):
+def _run(cfg, params, opt_state, seeds, importance, prob, start, n_steps, vmapped, progress,
+         mesh=None):
     losses = []
     done = 0
     while done < n_steps:
         n = min(cfg.chunk_size, n_steps - done)
-        fn = _chunk_fn(cfg, n, vmapped)
+        fn = _chunk_fn(cfg, n, vmapped, mesh)
         params, opt_state, chunk_losses = fn(
             params, opt_state, seeds, importance, prob, jnp.int32(start + done)
         )
-        losses.append(np.asarray(chunk_losses))
+        losses.append(sweeps.fetch(chunk_losses))
         done += n
         if progress is not None:
             progress(start + done)
@@ -449,12 +453,15 @@ def train(
     feature_probability: Float[Array, "instance feature"] | Float[Array, " feature"],
     *,
     progress=None,
+    devices: sweeps.Devices = None,
 ) -> TrainResult:
     """Train ``cfg.n_instances`` toy models at once (one jitted vmap, lax.scan over steps).
 
     importance, feature_probability: [instance, feature] (or [feature], shared by all instances).
     Instance i is initialised from and fed data by ``fold_in(key, i)`` only, so it ends identical
     to ``train_single`` with that key. ``progress(step)`` is called after each chunk if given.
+    ``devices`` (a count, a Mesh or a list of devices) splits the instances over several
+    devices or hosts (``tinyinterp.sweeps``); each instance trains as on one device.
     """
     importance = _check_per_instance("importance", importance, cfg)
     prob = _check_per_instance("feature_probability", feature_probability, cfg)
@@ -462,9 +469,13 @@ def train(
     params = init_params(cfg, key)
     seeds = jax.vmap(_data_seed)(keys)  # [instance] uint32
     opt_state = jax.vmap(_optimizer(cfg).init)(params)
-    params, opt_state, losses = _run(
-        cfg, params, opt_state, seeds, importance, prob, 0, cfg.n_steps, True, progress
-    )
+    mesh = sweeps.sweep_mesh(devices)
+    state = sweeps.put(sweeps.pad((params, opt_state, seeds, importance, prob), mesh), mesh)
+    params, opt_state, losses = _run(cfg, *state, 0, cfg.n_steps, True, progress, mesh)
+    if mesh is not None:  # back to host arrays, the padding dropped
+        params, opt_state, losses = jax.tree_util.tree_map(
+            jnp.asarray, sweeps.fetch((params, opt_state, losses), cfg.n_instances))
+        losses = np.asarray(losses)
     _check_finite(losses)
     return TrainResult(params, opt_state, losses, cfg.n_steps, seeds, importance, prob, cfg)
 

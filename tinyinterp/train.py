@@ -42,6 +42,7 @@ import optax
 from tqdm.auto import tqdm
 
 from tinyinterp import checkpoint as ckpt_lib
+from tinyinterp import sweeps
 from tinyinterp.config import TransformerConfig
 from tinyinterp.tasks import Task, get_task, masked_mean, task_from_dict
 
@@ -587,13 +588,16 @@ class SeedsResult:
 
 
 @functools.lru_cache(maxsize=8)
-def _seeds_chunk(run_chunk: Callable) -> Callable:
-    # the single-run chunk (same step, data stream and NaN guard), vmapped over a leading seed axis
-    return jax.jit(jax.vmap(run_chunk, in_axes=(0, None, None)))
+def _seeds_chunk(run_chunk: Callable, mesh=None) -> Callable:
+    # the single-run chunk (same step, data stream and NaN guard), vmapped over a leading seed
+    # axis; on several devices, each runs it on its slice of the seeds (tinyinterp.sweeps)
+    return sweeps.compile_sweep(jax.vmap(run_chunk, in_axes=(0, None, None)), mesh,
+                                in_axes=(0, None, None))
 
 
 def train_seeds(model_cfg: TransformerConfig, task: Task | str, train_cfg: TrainConfig,
-                seeds: list[int] | tuple[int, ...]) -> SeedsResult:
+                seeds: list[int] | tuple[int, ...], *,
+                devices: sweeps.Devices = None) -> SeedsResult:
     """Train one transformer per seed on ``task`` as ONE compiled program vmapped over the seeds
     (Olsson et al. report the phase change as robust across models; this is how to check it on a
     CPU in one go). Seed ``s`` starts from ``HookedTransformer.from_config(cfg, seed=s)`` and
@@ -601,6 +605,9 @@ def train_seeds(model_cfg: TransformerConfig, task: Task | str, train_cfg: Train
     that single run to float32 rounding (vmap batches the matmuls differently). ``train_cfg.seed``
     is ignored; no checkpoints or evals are written. A seed whose loss or gradient becomes
     non-finite stops there (``diverged_at``) while the others go on.
+
+    ``devices`` (a count, a Mesh or a list of devices; see ``tinyinterp.sweeps``) splits the
+    seeds over several devices or hosts, each running the same program on its share.
     """
     from tinyinterp.params import init_params
 
@@ -615,14 +622,18 @@ def train_seeds(model_cfg: TransformerConfig, task: Task | str, train_cfg: Train
                          f"does not fit the model (d_vocab {model_cfg.d_vocab}, n_ctx "
                          f"{model_cfg.n_ctx})")
     loss_fn, eval_fn = task_loss_fns(model_cfg, task)
-    run_chunk = _seeds_chunk(_compiled(loss_fn, _sample_fn(task), eval_fn, _compile_key(tc))[0])
+    mesh = sweeps.sweep_mesh(devices)
+    run_chunk = _seeds_chunk(_compiled(loss_fn, _sample_fn(task), eval_fn, _compile_key(tc))[0],
+                             mesh)
     optimizer = make_optimizer(tc)
     stack = functools.partial(jax.tree_util.tree_map, lambda *xs: jnp.stack(xs))
-    params = stack(*[init_params(model_cfg, jax.random.key(s)) for s in seeds])  # [seed, ...]
+    runs = seeds + seeds[-1:] * (sweeps.padded_length(len(seeds), mesh) - len(seeds))  # padded
+    params = stack(*[init_params(model_cfg, jax.random.key(s)) for s in runs])  # [seed, ...]
     state = {"params": params, "opt_state": stack(*[optimizer.init(init_params(
-                 model_cfg, jax.random.key(s))) for s in seeds]),
-             "key": jnp.stack([jax.random.key(s) for s in seeds]),
-             "bad_step": jnp.full((len(seeds),), -1, jnp.int32)}
+                 model_cfg, jax.random.key(s))) for s in runs]),
+             "key": jnp.stack([jax.random.key(s) for s in runs]),
+             "bad_step": jnp.full((len(runs),), -1, jnp.int32)}
+    state = sweeps.put(state, mesh)
     history: dict[str, list] = {}
     timing = {"first_chunk_s": None, "run_s": 0.0, "run_steps": 0}
     step = 0
@@ -630,7 +641,7 @@ def train_seeds(model_cfg: TransformerConfig, task: Task | str, train_cfg: Train
         n = min(tc.chunk_size, tc.steps - step)
         t0 = time.perf_counter()
         state, metrics = run_chunk(state, jnp.asarray(step, jnp.int32), jnp.asarray(n, jnp.int32))
-        metrics = jax.device_get(metrics)  # name -> [seed, chunk]
+        metrics = sweeps.fetch(metrics, len(seeds))  # name -> [seed, chunk]
         dt = time.perf_counter() - t0
         if timing["first_chunk_s"] is None:
             timing["first_chunk_s"] = dt
@@ -640,10 +651,12 @@ def train_seeds(model_cfg: TransformerConfig, task: Task | str, train_cfg: Train
         for k, v in metrics.items():
             history.setdefault(k, []).append(np.asarray(v[:, :n], np.float64))
         step += n
-    bad = np.asarray(jax.device_get(state["bad_step"]))
+    bad = sweeps.fetch(state["bad_step"], len(seeds))
     runs = timing["run_steps"]
     timing["steps_per_s"] = runs / timing["run_s"] if runs and timing["run_s"] > 0 else None
-    return SeedsResult(params=state["params"], seeds=seeds,
+    params = (state["params"] if mesh is None else
+              jax.tree_util.tree_map(jnp.asarray, sweeps.fetch(state["params"], len(seeds))))
+    return SeedsResult(params=params, seeds=seeds,
                        history={k: np.concatenate(v, axis=1) for k, v in history.items()},
                        train_config=tc, model_config=model_cfg,
                        diverged_at=[int(b) if b >= 0 else None for b in bad], timing=timing)

@@ -1,0 +1,163 @@
+"""Sweeps on every device JAX sees, and across hosts, with JAX's own machinery.
+
+Every workload here is a sweep of independent pieces (seeds of a training run, toy-model
+instances, SAE sweep points, integrated-gradients points, patches, circuits), and each already
+runs as ONE compiled program vmapped over a leading sweep axis. ``devices=`` on an entry point
+splits that axis over a one-axis ``jax.sharding.Mesh``: ``jax.shard_map`` runs the same
+vmapped program on every device's slice, so nothing about the program changes but its batch.
+
+    devices=None or 1     one device: the program exactly as before (the default)
+    devices=N             the first N of ``jax.devices()`` (every process's devices after
+                          ``jax.distributed.initialize()``: the same call then runs on all hosts)
+    devices=Mesh          that mesh; the sweep axis is split over all of its axes
+    devices=[d0, d1, ...] those devices
+
+A sweep whose length the devices do not divide is padded by repeating its last piece, and the
+padding is dropped from the results. Results come back to every process as host arrays
+(``fetch``), so a script runs unchanged on one host or several. Each device computes the pieces
+of its slice exactly as the one-device program computes them (same data, same steps), so
+results agree to float32 rounding (bitwise where XLA compiles the per-device batch the same
+way; tests/test_sweeps.py checks each entry point).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+SWEEP_AXIS = "sweep"
+Devices = int | Mesh | Sequence[Any] | None
+
+
+def sweep_mesh(devices: Devices) -> Mesh | None:
+    """The mesh a sweep is split over, or None for one device (the unchanged default path)."""
+    if devices is None or isinstance(devices, Mesh):
+        return None if devices is None or devices.size == 1 else devices
+    if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        n, available = int(devices), jax.devices()
+        if not 1 <= n <= len(available):
+            raise ValueError(f"devices={n}: JAX sees {len(available)} device(s) "
+                             f"({available[0].platform}); ask for 1 to {len(available)} (more CPU "
+                             "devices: XLA_FLAGS=--xla_force_host_platform_device_count=N before "
+                             "JAX starts; more hosts: jax.distributed.initialize())")
+        chosen = available[:n]
+    elif isinstance(devices, Sequence) and devices and all(isinstance(d, jax.Device)
+                                                            for d in devices):
+        chosen = list(devices)
+    else:
+        raise TypeError(f"devices must be None, a device count, a jax.sharding.Mesh or a list of "
+                        f"jax devices; got {devices!r}")
+    return None if len(chosen) == 1 else Mesh(np.asarray(chosen), (SWEEP_AXIS,))
+
+
+def n_devices(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else mesh.size
+
+
+def _spec(axis: int | None, mesh: Mesh) -> P:
+    """The PartitionSpec of an array whose sweep axis is ``axis`` (None: not swept, replicated)."""
+    if axis is None:
+        return P()
+    return P(*([None] * axis), tuple(mesh.axis_names))
+
+
+def compile_sweep(fn: Callable, mesh: Mesh | None, in_axes: Any, out_axes: Any = 0, *,
+                  donate_argnums: int | tuple[int, ...] = ()) -> Callable:
+    """``fn`` (a program already vmapped over its sweep axis) compiled: ``jax.jit(fn)`` for one
+    device, else ``jax.jit(jax.shard_map(fn, ...))`` with each argument's and result's sweep
+    axis split over ``mesh``. ``in_axes`` / ``out_axes``: as ``jax.vmap``'s (a prefix of the
+    arguments / results: the position of the sweep axis, or None for arguments every device
+    gets whole)."""
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=donate_argnums)
+    specs = functools.partial(jax.tree.map, lambda a: _spec(a, mesh),
+                              is_leaf=lambda a: a is None)
+    in_specs = specs(tuple(in_axes) if isinstance(in_axes, list) else in_axes)
+    # check_vma=False: every piece of a sweep is independent (no collective, every result split
+    # over the sweep axis), so there is nothing for the replication check to check; and with it
+    # on, jax 0.10.2 fails on typed PRNG keys vmapped inside shard_map (random.fold_in of a
+    # per-seed key by a shared step: "pvary is a invariant->variant collective").
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=specs(out_axes),
+                                 check_vma=False), donate_argnums=donate_argnums)
+
+
+def padded_length(n: int, mesh: Mesh | None) -> int:
+    d = n_devices(mesh)
+    return -(-n // d) * d
+
+
+def pad(tree: Any, mesh: Mesh | None, axis: int = 0) -> Any:
+    """Every leaf's sweep axis (``axis``) padded to a multiple of the device count by repeating
+    its last entry (a piece computed twice and dropped later, never a made-up one)."""
+    def one(x):
+        n = np.shape(x)[axis]
+        extra = padded_length(n, mesh) - n
+        if not extra:
+            return x
+        last = jax.numpy.take(x, np.full((extra,), n - 1), axis=axis)
+        return jax.numpy.concatenate([x, last], axis=axis)
+    return tree if mesh is None else jax.tree.map(one, tree)
+
+
+def put(tree: Any, mesh: Mesh | None, axis: int = 0) -> Any:
+    """Every leaf placed with its sweep axis (``axis``, or None: whole on every device) split
+    over ``mesh``. Works across processes: each process passes the same values and keeps its
+    devices' slices (``jax.make_array_from_callback``)."""
+    if mesh is None:
+        return tree
+
+    def one(x):
+        host = np.asarray(jax.device_get(x)) if not _is_key(x) else x
+        sharding = NamedSharding(mesh, _spec(axis, mesh))
+        if _is_key(x):  # typed PRNG keys: place their key data, then wrap again
+            data = put(jax.random.key_data(x), mesh, axis)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+    return jax.tree.map(one, tree)
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def fetch(tree: Any, n: int | None = None, axis: int = 0) -> Any:
+    """Every leaf as a host array on every process (gathered from the other hosts when it spans
+    them), its sweep axis cut back to ``n`` (the length before padding)."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = multihost_utils.process_allgather(x, tiled=True)
+        x = np.asarray(x)
+        return x if n is None else np.take(x, np.arange(n), axis=axis)
+    return jax.tree.map(one, tree)
+
+
+def map_sweep(fn: Callable, args: tuple, in_axes: Any, devices: Devices, out_axes: Any = 0
+              ) -> Any:
+    """``fn(*args)`` for a program vmapped over a sweep axis, split over ``devices``: padded,
+    placed, run and fetched back (cut to the sweep's length). One device: ``jax.jit(fn)(*args)``
+    exactly. The sweep axis of the arguments is ``in_axes`` (as vmap's); of the results,
+    ``out_axes``."""
+    mesh = sweep_mesh(devices)
+    if mesh is None:
+        return jax.jit(fn)(*args)
+    axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+    lengths = {np.shape(leaf)[a] for arg, a in zip(args, axes, strict=True) if a is not None
+               for leaf in jax.tree.leaves(arg)}
+    if len(lengths) != 1:
+        raise ValueError(f"the swept arguments disagree on the sweep's length: {sorted(lengths)}")
+    n = lengths.pop()
+    placed = tuple(put(arg if a is None else pad(arg, mesh, a), mesh, a)
+                   for arg, a in zip(args, axes, strict=True))
+    out = compile_sweep(fn, mesh, tuple(axes), out_axes)(*placed)
+    if isinstance(out_axes, int):
+        return fetch(out, n, out_axes)
+    return jax.tree.map(lambda a, o: fetch(o, n, a), out_axes, out,
+                        is_leaf=lambda a: isinstance(a, int))
