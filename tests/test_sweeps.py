@@ -49,3 +49,31 @@ def test_two_devices(two_device_results, name):
     row = two_device_results.get(name)
     assert row is not None, f"check {name} did not report (the child stopped before it)"
     assert row["ok"], row["error"]
+
+
+def test_not_cpu_takes_the_xla_path(monkeypatch):
+    """Item 5: where JAX's default backend is not the CPU (forced here: the decision reads
+    jax.default_backend), "auto" resolves to the XLA path with one warning, the plan is the
+    plain one, and the model runs with the XLA path's values, without an error."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import tinyinterp as ti
+    from tinyinterp.fast import attention as fa
+    from tinyinterp.fast.plan import PLAIN, plan_sublayer
+    from tinyinterp.hooks import HookContext
+
+    monkeypatch.setattr(fa, "_numba_checked", False)
+    monkeypatch.setattr(fa, "_numba_problem", None)
+    monkeypatch.setattr(fa, "_warned", False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    cfg = ti.TransformerConfig(n_layers=1, d_model=32, d_head=16, n_ctx=8, d_vocab=16)
+    with pytest.warns(RuntimeWarning, match="default JAX platform is 'gpu'"):
+        backend = fa.resolve_backend("auto")
+    assert backend == "xla" and fa.resolve_backend("numba") == "xla"
+    assert plan_sublayer(backend, cfg, HookContext(), 0, (4, 8, 32), jnp.float32) == PLAIN
+    model = ti.HookedTransformer.from_config(cfg)
+    tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+    got = model(tokens)  # cfg.attention_backend "auto": the forced decision
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(model(tokens, backend="xla")))
