@@ -77,3 +77,16 @@ def test_not_cpu_takes_the_xla_path(monkeypatch):
     tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
     got = model(tokens)  # cfg.attention_backend "auto": the forced decision
     np.testing.assert_array_equal(np.asarray(got), np.asarray(model(tokens, backend="xla")))
+
+
+@pytest.mark.slow
+def test_two_processes_on_loopback():
+    """Items 1 and 6: the same sweep on two processes joined by jax.distributed on 127.0.0.1
+    (one CPU device each, the mesh spanning both) gives every process the one-process losses.
+    Bounded: the workers are killed after 240 s and the test fails."""
+    from tinyinterp import sweeps
+
+    r = sweeps.demo(2, timeout=240)
+    assert [row["process"] for row in r["results"]] == [0, 1]
+    assert all(row["devices"] == 2 and row["local_devices"] == 1 for row in r["results"])
+    assert r["max_rel_diff"] <= 1e-6, r["max_rel_diff"]

@@ -161,3 +161,100 @@ def map_sweep(fn: Callable, args: tuple, in_axes: Any, devices: Devices, out_axe
         return fetch(out, n, out_axes)
     return jax.tree.map(lambda a, o: fetch(o, n, a), out_axes, out,
                         is_leaf=lambda a: isinstance(a, int))
+
+
+# ----------------------------------------------------------------------------- several processes
+# ``python -m tinyinterp.sweeps demo --processes 2``: the runnable example of one sweep run by
+# several processes (hosts) after ``jax.distributed.initialize()``, on this machine's loopback.
+# Each process starts with one CPU device, so the sweep's mesh spans the processes; each prints
+# the sweep's losses (gathered to every process), and the parent checks them against the same
+# sweep in one process. Bounded: the parent kills the workers after --timeout seconds.
+
+def _demo_sweep(devices) -> dict:
+    """A small sweep (6 superposition instances) and its losses."""
+    from tinyinterp import superposition as sp
+
+    cfg = sp.ToyModelConfig(n_features=5, n_hidden=2, n_instances=6, n_steps=40, batch_size=32,
+                            chunk_size=20)
+    res = sp.train(cfg, jax.random.key(0), sp.importance_schedule(5, 0.9),
+                   sp.feature_probability_schedule(6)[:, None] * np.ones((1, 5), np.float32),
+                   devices=devices)
+    return {"losses": np.asarray(res.losses).tolist()}
+
+
+def _worker(process_id: int, n_processes: int, coordinator: str) -> None:
+    import json
+
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=n_processes,
+                               process_id=process_id, initialization_timeout=60)
+    try:
+        out = _demo_sweep(jax.device_count())
+        out.update(process=jax.process_index(), devices=jax.device_count(),
+                   local_devices=jax.local_device_count())
+        print("RESULT " + json.dumps(out), flush=True)
+    finally:
+        jax.distributed.shutdown()
+
+
+def demo(n_processes: int = 2, timeout: float = 300.0) -> dict:
+    """Run ``_demo_sweep`` on ``n_processes`` processes on 127.0.0.1 (one CPU device each) and in
+    this process; returns {"results": per process, "reference": one process, "max_rel_diff"}.
+    Raises RuntimeError if a worker fails or the run outlasts ``timeout`` seconds."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:  # a free port on the loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                 if "device_count" not in f)}
+    procs = [subprocess.Popen([sys.executable, "-m", "tinyinterp.sweeps", "worker", str(i),
+                               str(n_processes), f"127.0.0.1:{port}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(n_processes)]
+    deadline = time.monotonic() + timeout
+    outs = []
+    try:
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired as e:
+                raise RuntimeError(f"the {n_processes}-process sweep did not finish in "
+                                   f"{timeout:.0f} s; the workers were stopped") from e
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = []
+    for p, (stdout, stderr) in zip(procs, outs, strict=True):
+        line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
+        if p.returncode != 0 or line is None:
+            raise RuntimeError(f"a worker failed (exit {p.returncode}):\n{stderr[-3000:]}")
+        results.append(json.loads(line[len("RESULT "):]))
+    reference = _demo_sweep(None)["losses"]
+    ref = np.asarray(reference)
+    diff = max(float(np.max(np.abs(np.asarray(r["losses"]) - ref) / np.maximum(np.abs(ref), 1e-30)))
+               for r in results)
+    return {"results": results, "reference": reference, "max_rel_diff": diff}
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["worker"]:
+        _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    elif sys.argv[1:2] == ["demo"]:
+        n = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+        r = demo(n)
+        for row in r["results"]:
+            print(f"process {row['process']}: {row['local_devices']} of {row['devices']} devices")
+        print(f"the sweep's losses on {n} processes vs one: max relative difference "
+              f"{r['max_rel_diff']:.2e}")
+    else:
+        sys.exit("usage: python -m tinyinterp.sweeps demo [N_PROCESSES]")
