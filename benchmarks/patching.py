@@ -8,7 +8,10 @@ batch 8 x pos 64. Two sweeps: ``get_act_patch_resid_pre`` ([2, 64]: 128 patched 
 ``get_act_patch_attn_head_out_by_pos`` ([2, 64, 4]: 512 patched runs). Each is timed as
 
 * sweep: the library call (one compiled program: the target run, every patched run folded into the
-  batch in chunks, each starting at its layer), steady state (compiled once beforehand);
+  batch in chunks, each starting at its layer), steady state (compiled once beforehand), with the
+  built-in metric ``A.logit_diff`` (it reads one position, so where the patch lies before the last
+  block, that block runs at that position only) and, alternately, the same metric as a plain
+  function (the whole model runs);
 * loop: the same patches driven one at a time from Python, each a call of ONE jitted function
   (compiled once; the patch index is a traced argument, so no recompilation) that runs the whole
   model with the patch hook, as TransformerLens' ``generic_activation_patch`` does.
@@ -30,14 +33,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyinterp import HookedTransformer, TransformerConfig
+from tinyinterp import attribution as A
 from tinyinterp import patching as P
 from tinyinterp.model import forward
 
 TL_SECONDS = {"resid_pre": 0.31, "attn_head_out_by_pos": 1.29}
 
 
+# Per-example logit difference at the last position (a typical patching metric), as the built-in
+# metric (it says which position it reads, so a patched run computes the last block there only)
+# and as a plain function (the whole model runs), timed alternately.
+BUILT_IN = A.logit_diff(correct=1, wrong=2, pos=-1)
+
+
 def metric(logits, tokens):
-    """Per-example logit difference at the last position (a typical patching metric)."""
     return logits[:, -1, 1] - logits[:, -1, 2]
 
 
@@ -49,6 +58,21 @@ def _median_time(fn, repeats: int) -> tuple[float, float, float]:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t)
     return statistics.median(times), min(times), max(times)
+
+
+def _paired_time(fn_a, fn_b, repeats: int):
+    """(median, min, max) seconds of fn_a and of fn_b, called alternately after a warm-up each."""
+    jax.block_until_ready(fn_a())
+    jax.block_until_ready(fn_b())
+    ta, tb = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn_a())
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        jax.block_until_ready(fn_b())
+        tb.append(time.perf_counter() - t)
+    return ((statistics.median(ta), min(ta), max(ta)), (statistics.median(tb), min(tb), max(tb)))
 
 
 def _one_patch_fn(model: HookedTransformer, family: str):
@@ -111,8 +135,12 @@ def main() -> None:
         t0 = time.perf_counter()
         res = fn(model, corrupted, clean_cache, metric, chunk_size=args.chunk_size)
         first = time.perf_counter() - t0
-        sweep = _median_time(lambda fn=fn: fn(model, corrupted, clean_cache, metric,
-                                              chunk_size=args.chunk_size).values, args.repeats)
+        built_in = fn(model, corrupted, clean_cache, BUILT_IN, chunk_size=args.chunk_size)
+        sweep, plain = _paired_time(
+            lambda fn=fn: fn(model, corrupted, clean_cache, BUILT_IN,
+                             chunk_size=args.chunk_size).values,
+            lambda fn=fn: fn(model, corrupted, clean_cache, metric,
+                             chunk_size=args.chunk_size).values, args.repeats)
         fns = _one_patch_fn(model, family)
         loop_vals = python_loop(model, corrupted, clean_cache, family, fns)  # compiles
         loop = _median_time(lambda f=family, g=fns: python_loop(model, corrupted, clean_cache, f, g),
@@ -123,7 +151,11 @@ def main() -> None:
         print(f"\nget_act_patch_{family} {list(res.shape)} ({n} patched runs, chunk "
               f"{res.settings['chunk_size']}): first call (compile + run) {first:.2f} s")
         print(f"  sweep (one program)      median {sweep[0] * 1e3:8.2f} ms  "
-              f"(min {sweep[1] * 1e3:.2f}, max {sweep[2] * 1e3:.2f})")
+              f"(min {sweep[1] * 1e3:.2f}, max {sweep[2] * 1e3:.2f}), built-in metric A.logit_diff")
+        print(f"  the same, plain metric   median {plain[0] * 1e3:8.2f} ms  "
+              f"(min {plain[1] * 1e3:.2f}, max {plain[2] * 1e3:.2f}): whole model; "
+              f"{plain[0] / sweep[0]:.2f}x the built-in metric's time; max |difference| "
+              f"{float(np.abs(built_in.values - res.values).max()):.2e}")
         print(f"  one at a time (Python)   median {loop[0] * 1e3:8.2f} ms  "
               f"(min {loop[1] * 1e3:.2f}, max {loop[2] * 1e3:.2f})")
         print(f"  loop / sweep = {loop[0] / sweep[0]:.1f}x; max |difference| {err:.2e}")
