@@ -18,6 +18,7 @@ through layer 0's attention output).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -78,12 +79,12 @@ def sign_flipped_gradient_x_input(model, tokens, metric):
 
 
 # ----------------------------------------------------------------------------- the methods
-def _ig(model, tokens, metric):
-    return A.integrated_gradients(model, tokens, metric, steps=8)
+def _ig(model, tokens, metric, devices=None):
+    return A.integrated_gradients(model, tokens, metric, steps=8, devices=devices)
 
 
-def _occlusion(model, tokens, metric):
-    return A.occlusion(model, tokens, metric, baseline_token=0)
+def _occlusion(model, tokens, metric, devices=None):
+    return A.occlusion(model, tokens, metric, baseline_token=0, devices=devices)
 
 
 METHODS: dict[str, Callable] = {
@@ -117,7 +118,7 @@ PROPERTIES = ("completeness", "sensitivity", "dummy", "linearity", "implementati
 COMPONENT_METHODS = ("direct_logit_attribution", "zero_ablation", "attribution_patching")
 
 
-def head_scores(name: str, model, tokens, metric) -> np.ndarray:
+def head_scores(name: str, model, tokens, metric, devices=None) -> np.ndarray:
     """[n_layers, n_heads] importance of every head by method ``name``: one of
     ``COMPONENT_METHODS``, ``random (broken)`` or ``sign-flipped grad x input (broken)`` (|sum of
     gradient x activation| at hook_z, the gradient sign-flipped through layer 0's attention)."""
@@ -130,7 +131,8 @@ def head_scores(name: str, model, tokens, metric) -> np.ndarray:
         _, cache = model.run_with_cache(tokens)
         return np.abs(np.asarray(A.direct_logit_attribution(cache, metric).per_head())).mean(0)
     if name == "zero_ablation":
-        rows = [patching.ablate(model, tokens, metric, z, over=("head",)) for z in zs]
+        rows = [patching.ablate(model, tokens, metric, z, over=("head",), devices=devices)
+                for z in zs]
         return np.stack([np.abs(np.asarray(r.values) - np.asarray(r.baseline)) for r in rows])
     if name == "attribution_patching":  # first order of zero-ablating each head
         _, cache = model.run_with_cache(tokens, names_filter=zs, incl_bwd=True,
@@ -222,14 +224,21 @@ def _tracr_circuits():
              conv.ground_truth.head_mask())]
 
 
-def evaluate_methods(n_models: int = 3, seed: int = 0, with_tracr: bool = True) -> dict:
+def evaluate_methods(n_models: int = 3, seed: int = 0, with_tracr: bool = True,
+                     devices=None) -> dict:
     """{"properties": {method: {property: pass rate or None}}, "recovery": {method: mean AUROC},
     "aopc": {method: mean deletion AOPC}, "time_ms": {method: median ms per explanation},
-    "n_models": ..., "circuits": [names]}."""
-    from tinyinterp import planted
+    "n_models": ..., "circuits": [names]}. ``devices`` (a count, a Mesh or a list of devices):
+    the sweeps inside the methods (integrated gradients' points, occlusion's variants, the
+    ablation of every head) split over several devices or hosts (``tinyinterp.sweeps``); the
+    models and circuits are visited in turn."""
+    from tinyinterp import planted, sweeps
 
     rng = np.random.default_rng(seed)
     methods = {**METHODS, **BROKEN}
+    if sweeps.sweep_mesh(devices) is not None:
+        methods.update({"integrated_gradients": functools.partial(_ig, devices=devices),
+                        "occlusion": functools.partial(_occlusion, devices=devices)})
     props = {m: {p: [] for p in PROPERTIES} for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     # one config for every linear model (compiled programs are reused); weights, the chosen
@@ -250,8 +259,8 @@ def evaluate_methods(n_models: int = 3, seed: int = 0, with_tracr: bool = True) 
     aopc: dict[str, list[float]] = {m: [] for m in methods}
     for _, model, toks, metric, mask in circuits:
         for name in recovery if mask is not None else ():
-            recovery[name].append(T.recovery_scores(head_scores(name, model, toks, metric),
-                                                    mask)[1])
+            recovery[name].append(T.recovery_scores(
+                head_scores(name, model, toks, metric, devices), mask)[1])
         for name, method in methods.items():
             method(model, toks, metric)  # compiled before it is timed
             t0 = time.perf_counter()
@@ -317,6 +326,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="drawn models per kind (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tracr", action="store_true", help="skip the tracr-compiled programs")
+    from tinyinterp.sweeps import add_devices_argument
+
+    add_devices_argument(p)
 
 
 def run(args) -> int:
@@ -325,7 +337,8 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    res = evaluate_methods(args.n_models, args.seed, with_tracr=not args.no_tracr)
+    res = evaluate_methods(args.n_models, args.seed, with_tracr=not args.no_tracr,
+                           devices=getattr(args, "devices", 1))
     res["seconds"] = time.perf_counter() - t0
     table = table_markdown(res)
     write_atomic(out / "table.md", table + "\n")

@@ -56,6 +56,18 @@ def sweep_mesh(devices: Devices) -> Mesh | None:
     return None if len(chosen) == 1 else Mesh(np.asarray(chosen), (SWEEP_AXIS,))
 
 
+def add_devices_argument(parser) -> None:
+    """The CLI's ``--devices N`` (default 1: one device, results as before)."""
+    def count(text: str) -> int:
+        n = int(text)
+        if n < 1:
+            raise ValueError(f"--devices must be >= 1, got {n}")
+        return n
+    parser.add_argument("--devices", type=count, default=1, metavar="N",
+                        help="split the sweep over the first N devices JAX sees (every process's, "
+                             "after jax.distributed.initialize()); default: %(default)s")
+
+
 def n_devices(mesh: Mesh | None) -> int:
     return 1 if mesh is None else mesh.size
 

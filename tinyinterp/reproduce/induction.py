@@ -568,8 +568,9 @@ def run(out_dir: str | os.PathLike = "induction-heads", *, seed: int = 0, quick:
 
 def run_seeds(out_dir: str | os.PathLike = "induction-heads", n_seeds: int = 4, *,
               seed: int = 0, quick: bool = False, steps: int | None = None,
-              attention_backend: str = "auto", verbose: bool = True) -> dict:
-    """Train seeds ``seed .. seed + n_seeds - 1`` as one vmapped program (``train_seeds``), then
+              attention_backend: str = "auto", verbose: bool = True, devices=None) -> dict:
+    """Train seeds ``seed .. seed + n_seeds - 1`` as one vmapped program (``train_seeds``; split
+    over ``devices``, a count, a Mesh or a list of devices: ``tinyinterp.sweeps``), then
     report per seed the phase-change step and whether the circuit formed (previous-token score,
     induction score, copying, K-composition above the random baseline's 99th percentile,
     classic-layout loss and every layout's target), with the fraction of seeds that form it and
@@ -585,7 +586,7 @@ def run_seeds(out_dir: str | os.PathLike = "induction-heads", n_seeds: int = 4, 
     n_steps = steps if steps is not None else (QUICK_STEPS if quick else DEFAULT_TRAIN.steps)
     tc = DEFAULT_TRAIN.replace(steps=n_steps, progress=False)
     seeds = list(range(seed, seed + n_seeds))
-    res = train_seeds(cfg, training_task(cfg), tc, seeds)
+    res = train_seeds(cfg, training_task(cfg), tc, seeds, devices=devices)
     t_train = time.perf_counter() - t0
     per_seed = []
     for i, s in enumerate(seeds):  # analysis: a few forwards per seed
@@ -673,6 +674,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=None, metavar="N",
                         help="train N seeds (--seed .. --seed + N - 1) as one vmapped program and "
                              "report the phase-change step and circuit per seed")
+    from tinyinterp.sweeps import add_devices_argument
+
+    add_devices_argument(parser)  # --seeds: the seeds split over N devices
 
 
 def main(args: argparse.Namespace) -> int:
@@ -681,7 +685,7 @@ def main(args: argparse.Namespace) -> int:
         if n_seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {n_seeds}")
         report = run_seeds(args.out, n_seeds, seed=args.seed, quick=args.quick, steps=args.steps,
-                           attention_backend=args.attention_backend)
+                           attention_backend=args.attention_backend, devices=getattr(args, "devices", 1))
         return 0 if report["fraction_circuit_formed"] == 1.0 else 1
     report = run(args.out, seed=args.seed, quick=args.quick, steps=args.steps,
                  attention_backend=args.attention_backend,

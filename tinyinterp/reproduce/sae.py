@@ -55,7 +55,7 @@ def _row(gt, x_eval, res, seconds: float) -> dict:
             "n_resampled": int(sum(n for _, n in res.resampled)), "sweep_seconds": seconds, **m}
 
 
-def ground_truth_sweep(s: dict, seed: int, verbose: bool) -> tuple[dict, dict]:
+def ground_truth_sweep(s: dict, seed: int, verbose: bool, devices=None) -> tuple[dict, dict]:
     """The ReLU+L1 sweep over lambda x dictionary size, then TopK over k and JumpReLU over the
     L0 coefficient at one dictionary size; each (architecture, dictionary size) is ONE batched
     program over its sparsity knob (``sae.train_sae_sweep``), all on the same data stream."""
@@ -74,7 +74,8 @@ def ground_truth_sweep(s: dict, seed: int, verbose: bool) -> tuple[dict, dict]:
         cfgs = [sae.SAEConfig(d_sae=size, l1_coefficient=l1, **common) for l1 in lam]
         # the same keys as one-at-a-time runs (lambda i, size j) had
         results = sae.train_sae_sweep(cfgs, [jax.random.fold_in(root, i * 100 + j)
-                                             for i in range(len(lam))], batch_fn)
+                                             for i in range(len(lam))], batch_fn,
+                                      devices=devices)
         dt = time.perf_counter() - t
         for i, res in enumerate(results):
             row = _row(gt, x_eval, res, dt)
@@ -97,7 +98,7 @@ def ground_truth_sweep(s: dict, seed: int, verbose: bool) -> tuple[dict, dict]:
                 for v in values]
         results = sae.train_sae_sweep(
             cfgs, [jax.random.fold_in(root, 10_000 + 100 * a + i) for i in range(len(values))],
-            batch_fn)
+            batch_fn, devices=devices)
         dt = time.perf_counter() - t
         for res in results:
             row = _row(gt, x_eval, res, dt)
@@ -216,9 +217,11 @@ def _markdown(report, figures, summary) -> str:
     return "\n".join(md) + "\n"
 
 
-def run(out_dir, *, seed: int = 0, quick: bool = False, verbose: bool = True) -> dict:
+def run(out_dir, *, seed: int = 0, quick: bool = False, verbose: bool = True,
+        devices=None) -> dict:
     """Run both experiments, write report.json / report.md / PNGs into ``out_dir``, print a
-    summary and return the report dict."""
+    summary and return the report dict. ``devices`` (a count, a Mesh or a list of devices): each
+    SAE sweep's runs split over several devices or hosts (``tinyinterp.sweeps``)."""
     from tinyinterp.plotting import sae as P
 
     out = Path(out_dir)
@@ -226,7 +229,7 @@ def run(out_dir, *, seed: int = 0, quick: bool = False, verbose: bool = True) ->
     s = settings(quick)
     t0 = time.perf_counter()
     report = {"seed": seed, "quick": quick, "settings": s}
-    report["ground_truth"], arrays = ground_truth_sweep(s, seed, verbose)
+    report["ground_truth"], arrays = ground_truth_sweep(s, seed, verbose, devices)
     report["toy_model"], toy_arrays = toy_model_sae(s["toy"], seed)
     report["wall_time_s"] = time.perf_counter() - t0
     gt = report["ground_truth"]
@@ -250,10 +253,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reproduce_sae", help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="seed for data and SAEs")
     parser.add_argument("--quick", action="store_true", help="reduced but real run")
+    from tinyinterp.sweeps import add_devices_argument
+
+    add_devices_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    run(args.out, seed=args.seed, quick=args.quick)
+    run(args.out, seed=args.seed, quick=args.quick, devices=getattr(args, "devices", 1))
     return 0
 
 

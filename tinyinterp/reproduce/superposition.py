@@ -177,19 +177,19 @@ def classify_regime(W: np.ndarray, threshold: float = 0.5) -> int:
 # Experiments
 
 
-def _train(n, m, probs, importance, steps, batch, key, n_per_prob=1):
+def _train(n, m, probs, importance, steps, batch, key, n_per_prob=1, devices=None):
     probs = np.repeat(np.asarray(probs, np.float32), n_per_prob)
     cfg = sp.ToyModelConfig(n_features=n, n_hidden=m, n_instances=len(probs), n_steps=steps,
                             batch_size=batch, chunk_size=min(steps, 2500),
                             init_std=sp.xavier_init_std(n, m))  # INIT_NOTE
     prob = probs[:, None] * np.ones((1, n), np.float32)  # [instance, feature]
-    return sp.train(cfg, key, importance, prob), probs
+    return sp.train(cfg, key, importance, prob, devices=devices), probs
 
 
 def exp_pentagon(key, s) -> tuple[dict, dict]:
     n, m, k = 5, 2, s["seeds"]
     res, probs = _train(n, m, s["probs"], sp.importance_schedule(n, 0.9), s["steps"], s["batch"],
-                        key, n_per_prob=k)
+                        key, n_per_prob=k, devices=s.get("devices"))
     W, b = np.asarray(res.params["W"]), np.asarray(res.params["b"])
     loss = res.final_loss()
     levels = []
@@ -224,7 +224,8 @@ def _count(items):
 def exp_counts(key, s) -> tuple[dict, dict]:
     n, m = 20, 5
     probs = np.logspace(0, -2, s["n_levels"]).astype(np.float32)
-    res, _ = _train(n, m, probs, sp.importance_schedule(n, 0.7), s["steps"], s["batch"], key)
+    res, _ = _train(n, m, probs, sp.importance_schedule(n, 0.7), s["steps"], s["batch"], key,
+                    devices=s.get("devices"))
     W = np.asarray(res.params["W"])
     counts = np.asarray(sp.represented_count(W))
     norms = np.asarray(sp.feature_norms(W))
@@ -267,7 +268,7 @@ def exp_phase(key, s) -> tuple[dict, dict]:
     extra_imp = np.repeat(imp_grid.ravel(), k)  # [instance]
     imp = np.stack([np.ones(n_inst, np.float32), extra_imp], axis=1)  # [instance, feature]
     prob = np.repeat(np.repeat(den_grid.ravel(), k)[:, None], 2, axis=1)  # [instance, feature]
-    res = sp.train(cfg, key, imp, prob)
+    res = sp.train(cfg, key, imp, prob, devices=s.get("devices"))
     W = np.asarray(res.params["W"]).reshape(imp_grid.size, k, 2, 1)  # [cell, seed, feature, 1]
     loss = res.final_loss().reshape(imp_grid.size, k)  # [cell, seed]
     best = loss.argmin(axis=1)  # [cell]
@@ -303,7 +304,7 @@ def exp_geometry(key, s) -> tuple[dict, dict]:
                                 n_steps=g["steps"], batch_size=s["batch"], lr=s["lr"],
                                 lr_schedule="cosine", chunk_size=g["steps"], init_std=std)
         res = sp.train(cfg, jax.random.fold_in(key, g.get("key", gi)), np.ones(n, np.float32),
-                       probs[:, None] * np.ones((1, n), np.float32))
+                       probs[:, None] * np.ones((1, n), np.float32), devices=s.get("devices"))
         W_parts.append(np.asarray(res.params["W"]))
         probs_parts.append(probs)
         steps_parts.append(np.full(len(probs), g["steps"]))
@@ -597,7 +598,7 @@ EXPERIMENTS = (("pentagon", exp_pentagon), ("counts", exp_counts), ("phase", exp
 
 
 def run(out_dir, *, seed: int = 0, quick: bool = False, verbose: bool = True,
-        workers: int | None = None) -> dict:
+        workers: int | None = None, devices=None) -> dict:
     """Run the four experiments, write report.json / report.md / PNGs into ``out_dir``, print a
     plain-words summary and return the report dict.
 
@@ -605,7 +606,9 @@ def run(out_dir, *, seed: int = 0, quick: bool = False, verbose: bool = True,
     uniform-importance sweep (the largest single piece) trains in a second thread while the other
     three run one after another in this one. Each experiment is one XLA computation at a time
     that uses about one core, so on an idle 2-core machine this nearly halves the wall time; the
-    results are identical either way (each experiment depends only on its own key)."""
+    results are identical either way (each experiment depends only on its own key).
+    ``devices`` (a count, a Mesh or a list of devices): each experiment's instances split over
+    several devices or hosts (``tinyinterp.sweeps``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = settings(quick)
@@ -618,7 +621,7 @@ def run(out_dir, *, seed: int = 0, quick: bool = False, verbose: bool = True,
 
     def one(i, name, fn):
         t = time.perf_counter()
-        result = fn(jax.random.fold_in(key, i), s[name])
+        result = fn(jax.random.fold_in(key, i), {**s[name], "devices": devices})
         report["timings_s"][name] = time.perf_counter() - t
         if verbose:
             print(f"[superposition] {name}: {report['timings_s'][name]:.1f} s", flush=True)
@@ -655,10 +658,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="2: train the uniform-importance sweep in a second thread (default "
                              "when the machine has 2+ cores); 1: everything in one thread")
+    from tinyinterp.sweeps import add_devices_argument
+
+    add_devices_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    run(args.out, seed=args.seed, quick=args.quick, workers=args.workers)
+    run(args.out, seed=args.seed, quick=args.quick, workers=args.workers,
+        devices=getattr(args, "devices", 1))
     return 0
 
 
