@@ -695,7 +695,8 @@ def _ig_on_devices(model, tokens, x, base, dyn, static, names, steps, method, ch
                                                         a, w))(alphas, weights)
 
     sums = sweeps.map_sweep(part, (model, tokens, x, base, dyn, alphas, weights),
-                            (None, None, None, None, None, 0, 0), devices)
+                            (None, None, None, None, None, 0, 0), devices,
+                            key=("integrated_gradients", static, names))
     mean_grad = {n: jnp.asarray(np.sum(sums[n], axis=0)) for n in names}
     return _ig_finish(model, tokens, x, base, dyn, static, names, mean_grad)
 
@@ -783,7 +784,8 @@ def _variants_on(model, tokens, variants, dyn, static, chunk, hooked, devices):
         return _variants(model, tokens, variants, dyn, static, per, min(chunk, per), hooked)
 
     return jnp.asarray(sweeps.map_sweep(part, (model, tokens, variants, dyn),
-                                        (None, None, 0, None), devices))
+                                        (None, None, 0, None), devices,
+                                        key=("variants", static, per, chunk, hooked)))
 
 
 def occlusion(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *, window: int = 1,

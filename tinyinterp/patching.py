@@ -585,8 +585,9 @@ def _run_groups(model: HookedTransformer, tokens, source_cache: Mapping, metric:
     in_axes = (None, None, None, None, 0, None, None)
     args = args[:4] + (tuple(sweeps.pad(ix, mesh) for ix in indices),) + args[5:]
     placed = tuple(sweeps.put(a, mesh, ax) for a, ax in zip(args, in_axes, strict=True))
-    baseline, outs, source = sweeps.compile_sweep(program, mesh, in_axes, (None, 0, None))(
-        *placed)
+    key = ("patching", cfg, static, tuple(groups), chunk_size, with_source)
+    baseline, outs, source = sweeps.compile_sweep(program, mesh, in_axes, (None, 0, None),
+                                                  key=key)(*placed)
     outs = [jnp.asarray(sweeps.fetch(o, ix.shape[0])) for o, ix in zip(outs, indices, strict=True)]
     baseline, source = jax.tree_util.tree_map(jnp.asarray, sweeps.fetch((baseline, source)))
     return baseline, outs, source, groups, chunk_size

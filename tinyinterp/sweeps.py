@@ -79,13 +79,27 @@ def _spec(axis: int | None, mesh: Mesh) -> P:
     return P(*([None] * axis), tuple(mesh.axis_names))
 
 
+_COMPILED: dict = {}  # key -> compiled sweep, for callers whose fn is a fresh closure per call
+_MAX_COMPILED = 64
+
+
 def compile_sweep(fn: Callable, mesh: Mesh | None, in_axes: Any, out_axes: Any = 0, *,
-                  donate_argnums: int | tuple[int, ...] = ()) -> Callable:
+                  donate_argnums: int | tuple[int, ...] = (), key: Any = None) -> Callable:
     """``fn`` (a program already vmapped over its sweep axis) compiled: ``jax.jit(fn)`` for one
     device, else ``jax.jit(jax.shard_map(fn, ...))`` with each argument's and result's sweep
     axis split over ``mesh``. ``in_axes`` / ``out_axes``: as ``jax.vmap``'s (a prefix of the
     arguments / results: the position of the sweep axis, or None for arguments every device
-    gets whole)."""
+    gets whole). ``key`` (hashable): the compiled sweep is kept under it, so a caller that
+    builds ``fn`` anew per call (a closure over static settings, all of which ``key`` names)
+    compiles once, not every call."""
+    if key is not None:
+        full = (key, mesh, in_axes, out_axes, donate_argnums)
+        if full not in _COMPILED:
+            if len(_COMPILED) >= _MAX_COMPILED:
+                _COMPILED.pop(next(iter(_COMPILED)))  # the oldest
+            _COMPILED[full] = compile_sweep(fn, mesh, in_axes, out_axes,
+                                            donate_argnums=donate_argnums)
+        return _COMPILED[full]
     if mesh is None:
         return jax.jit(fn, donate_argnums=donate_argnums)
     specs = functools.partial(jax.tree.map, lambda a: _spec(a, mesh),
@@ -151,15 +165,16 @@ def fetch(tree: Any, n: int | None = None, axis: int = 0) -> Any:
     return jax.tree.map(one, tree)
 
 
-def map_sweep(fn: Callable, args: tuple, in_axes: Any, devices: Devices, out_axes: Any = 0
-              ) -> Any:
+def map_sweep(fn: Callable, args: tuple, in_axes: Any, devices: Devices, out_axes: Any = 0, *,
+              key: Any = None) -> Any:
     """``fn(*args)`` for a program vmapped over a sweep axis, split over ``devices``: padded,
     placed, run and fetched back (cut to the sweep's length). One device: ``jax.jit(fn)(*args)``
     exactly. The sweep axis of the arguments is ``in_axes`` (as vmap's); of the results,
-    ``out_axes``."""
+    ``out_axes``. ``key``: as ``compile_sweep``'s (name every static setting ``fn`` closes
+    over, or leave None to compile per call)."""
     mesh = sweep_mesh(devices)
     if mesh is None:
-        return jax.jit(fn)(*args)
+        return compile_sweep(fn, None, in_axes, out_axes, key=key)(*args)
     axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
     lengths = {np.shape(leaf)[a] for arg, a in zip(args, axes, strict=True) if a is not None
                for leaf in jax.tree.leaves(arg)}
@@ -168,7 +183,7 @@ def map_sweep(fn: Callable, args: tuple, in_axes: Any, devices: Devices, out_axe
     n = lengths.pop()
     placed = tuple(put(arg if a is None else pad(arg, mesh, a), mesh, a)
                    for arg, a in zip(args, axes, strict=True))
-    out = compile_sweep(fn, mesh, tuple(axes), out_axes)(*placed)
+    out = compile_sweep(fn, mesh, tuple(axes), out_axes, key=key)(*placed)
     if isinstance(out_axes, int):
         return fetch(out, n, out_axes)
     return jax.tree.map(lambda a, o: fetch(o, n, a), out_axes, out,
