@@ -356,3 +356,27 @@ def test_bad_input_gets_clear_errors(ln_model):
         graphs.intervene(ln_model, tc, PROMPT, [graphs.FeatureIntervention(0, 1, 0, 1.0, 2.0)])
     with pytest.raises(ValueError, match="constrained_layers"):
         graphs.intervene(ln_model, tc, PROMPT, [], constrained_layers=(0, 3))
+
+
+# ----------------------------------------------------------------------------- reproduction
+def test_reproduce_attribution_graphs_quick(tmp_path, capsys):
+    import json
+
+    from tinyinterp.cli import main
+    assert main(["reproduce", "attribution-graphs", "--quick", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "report.json").read_text())
+    assert r["model"]["held_out_accuracy"] > 0.9  # the held-out triples need the composition
+    for row in r["transcoders"]["layers"]:
+        assert row["normalized_mse"] < 0.2 and 0 < row["l0"] < 48
+    assert r["transcoders"]["prediction_agreement"] > 0.9
+    assert r["graphs"]["n"] == 4 and 0 < r["graphs"]["mean_replacement"] <= 1
+    assert all(0.0 <= v <= 1.0 for v in r["swap_success"].values())
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"report.md", "report.json", "graphs.json", "intermediate_features.png",
+            "transcoders_and_swaps.png"} <= names
+    graph_files = sorted(n for n in names if n.startswith("graph_") and n.endswith(".json"))
+    assert len(graph_files) == 2
+    d = json.loads((tmp_path / graph_files[0]).read_text())
+    assert d["nodes"] and d["metadata"]["prompt_tokens"][0].startswith("x")
+    assert (tmp_path / graph_files[0].replace(".json", ".html")).stat().st_size < 200_000
+    assert "held-out prompts" in capsys.readouterr().out

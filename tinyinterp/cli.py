@@ -4,6 +4,7 @@
     tinyinterp reproduce superposition [--out DIR]
     tinyinterp reproduce sae [--out DIR]
     tinyinterp reproduce grokking [--out DIR] [--seed S] [--paper]
+    tinyinterp reproduce attribution-graphs [--out DIR] [--seed S] [--quick]
     tinyinterp train --task repeated_tokens --out DIR [--resume | --overwrite]
     tinyinterp inspect PATH
     tinyinterp view PATH [--out FILE]                             an HTML view, its path printed
@@ -33,6 +34,10 @@ REPRODUCTIONS = {
     "grokking": ("tinyinterp.reproduce.grokking",
                  "grok (a + b) mod p with a 1-layer transformer: memorisation, circuit formation "
                  "and cleanup, the Fourier circuit and the progress measures (Nanda et al. 2023)"),
+    "attribution-graphs": ("tinyinterp.reproduce.attribution_graphs",
+                           "attribution graphs of a two-hop lookup through cross-layer "
+                           "transcoders: does a feature on the path encode the intermediate, and "
+                           "does swapping it change the answer (Ameisen et al. 2025)"),
 }
 
 

@@ -438,11 +438,15 @@ def attribution_graph(model, transcoders: Transcoders | None, tokens, *, max_n_l
             p_chunk[:n] = rpos[s:s + n]
             v_chunk = np.zeros((batch_size, d), np.float32)
             v_chunk[:n] = rvec[s:s + n]
+            n_src = len(src_k)  # padded to a bucket: fewer shapes to compile
+            f_pos = np.zeros(_bucket(n_src, 64), np.int32)
+            f_slot = np.zeros_like(f_pos)
+            f_pos[:n_src], f_slot[:n_src] = feats[src[src_k], 1], slot[src_k]
             fe, err, tok = _edge_rows(params, frozen, skips, run["tokvec"], run["errors"], dec,
-                                      feats[src[src_k], 1], slot[src_k], p_chunk, v_chunk,
-                                      cfg=cfg, upto=upto, n_keep=keep)
+                                      f_pos, f_slot, p_chunk, v_chunk, cfg=cfg, upto=upto,
+                                      n_keep=keep)
             # [row, sources | errors | tokens] -> the nonzero entries, CSR order
-            block = np.concatenate([np.asarray(fe)[:n], np.asarray(err)[:n],
+            block = np.concatenate([np.asarray(fe)[:n, :n_src], np.asarray(err)[:n],
                                     np.asarray(tok)[:n]], axis=1)
             cols = np.concatenate([src[src_k], n_feat + (np.arange(n_mlp)[:, None] * n_pos
                                                          + np.arange(keep)[None, :]).ravel(),
