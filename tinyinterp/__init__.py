@@ -15,8 +15,9 @@ one setting the command line and the benchmarks make explicitly).
 import importlib
 
 _SUBMODULES = ("attribution", "cache", "checkpoint", "circuits", "cli", "config", "detectors", "fast",
-               "fourier", "hooks", "interop", "kernels", "memory", "model", "params", "plotting",
-               "reproduce", "sae", "superposition", "tasks", "testing", "train",
+               "fourier", "graphs", "hooks", "interop", "kernels", "memory", "model", "params",
+               "plotting", "reproduce", "sae", "superposition", "tasks", "testing", "train",
+               "transcoders",
                "generate", "patching", "processing", "steering")
 # name -> module it lives in, imported on first access
 _LAZY = {
