@@ -1,33 +1,37 @@
-"""Speed of grokking modular addition: the training step's two paths, the default command, and the
-paper's setup to 99% test accuracy.
+"""Speed of grokking modular addition: the training step's paths, the training loop against the
+previous one (same process), the default command, and the paper's setup to 99% test accuracy.
 
-    python benchmarks/grokking.py                   # step paths + the default command, twice
-    python benchmarks/grokking.py --paper           # also --paper's setup to 99% test accuracy
+    python benchmarks/grokking.py                   # step paths, old vs new loop, the command twice
+    python benchmarks/grokking.py --paper           # also --paper to 99% test accuracy
     python benchmarks/grokking.py --no-command --rounds 5
 
-1. The full-batch training step (loss + gradient + AdamW update, one compiled program of 20 steps)
-   on the default setup (p 59, 1,044 training pairs) and the paper's (p 113, 3,830 pairs), by two
-   paths of the same parameters:
-   - "model": ``tinyinterp.model.forward`` on the whole 3-token sequence, then the last position's
-     logits: every position's attention and MLP, and the unembedding of all 3 positions, are
-     computed (the naive step), on the XLA attention path (the model config's) and on "auto"
-     (the Numba kernels where they apply);
-   - "lean": ``tinyinterp.reproduce.grokking.last_position_logits``: only what the loss reads
-     (the last position's query, MLP and unembedding; keys and value-outputs looked up from
-     per-(token, position) tables instead of multiplied per example).
-   The reproduction trains with "lean" (same function; tests/test_grokking.py checks the loss and
-   gradients against "model") and analyses through the model's hooks. Printed: ms per step
-   (median of rounds) and the lean/model speed-up, measured in this process.
-2. ``tinyinterp reproduce grokking`` (default setup) end to end in a fresh process, twice (the
-   second run is the "after the first run" number; XLA compiles in each process).
-3. With --paper: ``grokking.train`` on the paper's setup until test accuracy first reaches 99%
+1. The full-batch training step (loss + gradient + AdamW update, one compiled scan of 20 steps)
+   on the default setup's training pairs and the paper's (p 113, 30%: 3,830 pairs), by the paths
+   that compute the same function of the same parameters:
+   - "model (xla)" / "model (auto)": ``tinyinterp.model.forward`` on the whole 3-token sequence,
+     then the last position's logits (the naive step: every position's attention, MLP and
+     unembedding), on the XLA attention path and on "auto" (the Numba kernels where they apply);
+   - "lean, W_out then W_U" (the previous session's step): only the last position's query,
+     attention, MLP and unembedding; keys and values looked up from per-(token, position) tables;
+   - "lean" (the reproduction's step): the same, with the MLP output sent to the logits through
+     W_L = W_out @ W_U.
+   Printed: ms per step (median of rounds), steps/s, and each path's time over "lean".
+2. The training loop, old against new, in this process: the previous chunk (the old lean step;
+   every 10 steps, the loss and accuracy of all p^2 pairs) against ``grokking._make_chunk`` (the
+   new step; the training pairs' loss and accuracy from the step's own forward pass, the test
+   pairs' every ``eval_every`` steps): steps/s of each and the ratio.
+3. ``tinyinterp reproduce grokking`` (default setup) end to end in a fresh process, twice (the
+   second run is the "after the first run" number; XLA compiles in each process), with the
+   report's own split of the time (train / analysis / figures).
+4. With --paper: ``grokking.train`` on the paper's setup until test accuracy first reaches 99%
    (goal < 3 min), and the steps that took.
-Timings on a shared machine are noisy: compare the in-process ratios.
+Timings on a shared machine are noisy: the load average is printed; compare the in-process ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -37,6 +41,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tinyinterp import fourier
 from tinyinterp.reproduce import grokking as g
@@ -46,19 +51,37 @@ GOAL_DEFAULT_S = 40.0
 GOAL_PAPER_S = 180.0
 
 
-def step_times(p: int, train_fraction: float, rounds: int, steps: int = 20) -> dict[str, float]:
+def _old_lean(params, cfg, tokens):
+    return g.last_position_logits(params, cfg, tokens, via_W_L=False)
+
+
+PATHS = {"model (xla)": (g.model_last_position_logits, "xla"),
+         "model (auto)": (g.model_last_position_logits, "auto"),
+         "lean, W_out then W_U": (_old_lean, "xla"),
+         "lean": (g.last_position_logits, "xla")}
+
+
+def _timed(fn, args, rounds: int) -> float:
+    """Median seconds of ``fn(*args)`` over ``rounds`` calls, after one call that compiles."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def step_times(tc: g.GrokkingConfig, rounds: int, steps: int = 20) -> dict[str, float]:
     """ms per full-batch AdamW step (median over ``rounds`` compiled scans of ``steps`` steps)
-    for each path."""
-    data = modular_addition_split(p, train_fraction, 0)
+    for each of ``PATHS`` on ``tc``'s training pairs."""
+    data = modular_addition_split(tc.p, tc.train_fraction, tc.seed)
     tokens = jnp.asarray(data.tokens)[jnp.asarray(data.train_idx)]
     labels = jnp.asarray(data.labels)[jnp.asarray(data.train_idx)]
     out = {}
-    paths = {"model (xla)": (g.model_last_position_logits, "xla"),
-             "model (auto)": (g.model_last_position_logits, "auto"),
-             "lean": (g.last_position_logits, "xla")}
-    for name, (fn, backend) in paths.items():
-        cfg = g.model_config(p).replace(attention_backend=backend)
-        params = g.init_paper_params(cfg, jax.random.key(0))
+    for name, (fn, backend) in PATHS.items():
+        cfg = g.model_config(tc.p).replace(attention_backend=backend)
+        params = g.init_paper_params(cfg, 0)
         opt = g.standard_promotion(g.optax.adamw(1e-3, b1=0.9, b2=0.98, weight_decay=1.0))
 
         def step(carry, _, fn=fn, cfg=cfg, opt=opt):
@@ -70,22 +93,71 @@ def step_times(p: int, train_fraction: float, rounds: int, steps: int = 20) -> d
 
         run = jax.jit(lambda params, state, step=step: jax.lax.scan(step, (params, state), None,
                                                                     length=steps))
-        state = opt.init(params)
-        jax.block_until_ready(run(params, state))  # compile
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            jax.block_until_ready(run(params, state))
-            times.append((time.perf_counter() - t0) / steps * 1e3)
-        out[name] = statistics.median(times)
+        out[name] = _timed(run, (params, opt.init(params)), rounds) / steps * 1e3
     return out
 
 
-def command_time(out_dir: str) -> tuple[float, int]:
+def _old_chunk(tc: g.GrokkingConfig, cfg, data, frozen):
+    """The previous session's training chunk: the old lean step, its gradient masked by a traced
+    bool tree, and every 10 steps the loss and accuracy of all p^2 pairs (train and test) by a
+    separate forward pass."""
+    opt, _ = g._make_chunk(tc, cfg, data, frozen)
+    tokens, labels = jnp.asarray(data.tokens), jnp.asarray(data.labels)
+    is_train = jnp.asarray(data.is_train).astype(jnp.float32)
+    tr = jnp.asarray(data.train_idx)
+    frozen = jax.tree_util.tree_map(jnp.asarray, frozen)
+
+    def step(carry, _):
+        params, opt_state = carry
+        loss, grads = jax.value_and_grad(
+            lambda pr: fourier.cross_entropy(_old_lean(pr, cfg, tokens[tr]), labels[tr]))(params)
+        grads = jax.tree_util.tree_map(lambda gr, f: jnp.where(f, jnp.zeros_like(gr), gr), grads,
+                                       frozen)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return (g.optax.apply_updates(params, updates), opt_state), loss
+
+    def evaluate(params):
+        logits = _old_lean(params, cfg, tokens)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), labels[:, None], -1)[:, 0]
+        ok = (jnp.argmax(logits, axis=-1).astype(jnp.int32) == labels).astype(jnp.float32)
+        n_tr, n_te = jnp.sum(is_train), jnp.sum(1.0 - is_train)
+        return jnp.stack([jnp.sum(nll * is_train) / n_tr, jnp.sum(ok * is_train) / n_tr,
+                          jnp.sum(nll * (1 - is_train)) / n_te, jnp.sum(ok * (1 - is_train)) / n_te])
+
+    def block(carry, _):
+        metrics = evaluate(carry[0])
+        carry, losses = jax.lax.scan(step, carry, None, length=10)
+        return carry, (metrics, losses)
+
+    @jax.jit
+    def chunk(params, opt_state):
+        carry, out = jax.lax.scan(block, (params, opt_state), None, length=tc.snapshot_every // 10)
+        return carry[0], carry[1], out
+
+    return chunk
+
+
+def loop_ab(tc: g.GrokkingConfig, rounds: int) -> dict[str, float]:
+    """steps/s of the old and the new training chunk on ``tc`` (same params, same process)."""
+    data = modular_addition_split(tc.p, tc.train_fraction, tc.seed)
+    cfg = g.model_config(tc.p)
+    params = g.init_paper_params(cfg, tc.seed)
+    frozen = g.frozen_mask(params)
+    opt, new = g._make_chunk(tc, cfg, data, frozen)
+    old = _old_chunk(tc, cfg, data, frozen)
+    args = (params, opt.init(params))
+    return {name: tc.snapshot_every / _timed(fn, args, rounds) for name, fn in
+            (("old", old), ("new", new))}
+
+
+def command_time(out_dir: str, *extra: str) -> tuple[float, int, dict]:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tinyinterp.cli", "reproduce", "grokking", "--out",
-                           out_dir], capture_output=True, text=True)
-    return time.perf_counter() - t0, proc.returncode
+                           out_dir, *extra], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    path = os.path.join(out_dir, "report.json")
+    report = json.load(open(path)) if os.path.exists(path) else {}
+    return wall, proc.returncode, report
 
 
 def main() -> None:
@@ -95,26 +167,41 @@ def main() -> None:
     ap.add_argument("--paper", action="store_true", help="also train the paper's setup to 99%%")
     args = ap.parse_args()
     print(f"jax {jax.__version__}, {os.cpu_count()} CPUs; load average "
-          f"{os.getloadavg()[0]:.1f} (a shared machine: compare ratios)")
-    for label, p, frac in (("default (p 59, 30%)", 59, 0.3), ("paper (p 113, 30%)", 113, 0.3)):
-        t = step_times(p, frac, args.rounds)
-        ref = t["model (xla)"]
-        print(f"{label}: " + ", ".join(f"{k} {v:.1f} ms/step" for k, v in t.items())
-              + f"; lean is {ref / t['lean']:.2f}x faster than the model path (xla), "
-              f"{t['model (auto)'] / t['lean']:.2f}x than the model path (auto)")
+          f"{os.getloadavg()[0]:.1f} (a shared machine: compare ratios)", flush=True)
+    default = g.GrokkingConfig.default()
+    for label, tc in ((f"default (p {default.p}, {default.train_fraction:.0%})", default),
+                      ("paper (p 113, 30%)", g.GrokkingConfig.paper())):
+        t = step_times(tc, args.rounds)
+        ref = t["lean"]
+        print(f"{label}, ms per step: " + "; ".join(
+            f"{k} {v:.2f} ({1e3 / v:.0f} steps/s, {v / ref:.2f}x lean)" for k, v in t.items()),
+            flush=True)
+        ab = loop_ab(tc, args.rounds)
+        print(f"{label}, training loop ({tc.snapshot_every}-step chunks): old {ab['old']:.1f} "
+              f"steps/s, new {ab['new']:.1f} steps/s: {ab['new'] / ab['old']:.2f}x "
+              f"(load average {os.getloadavg()[0]:.1f})", flush=True)
     if not args.no_command:
         with tempfile.TemporaryDirectory() as d:
             for i in range(2):
-                wall, rc = command_time(os.path.join(d, f"run{i}"))
+                wall, rc, rep = command_time(os.path.join(d, f"run{i}"))
+                ts, tr = rep.get("timings_s", {}), rep.get("train", {})
                 print(f"tinyinterp reproduce grokking, run {i + 1}: {wall:.1f} s (exit {rc}; goal "
-                      f"< {GOAL_DEFAULT_S:.0f} s after the first run)")
+                      f"< {GOAL_DEFAULT_S:.0f} s after the first run); report: train "
+                      f"{ts.get('train', float('nan')):.1f} s (compile "
+                      f"{tr.get('compile_s', float('nan')):.1f}), analysis "
+                      f"{ts.get('analysis', float('nan')):.1f} s, figures "
+                      f"{ts.get('figures', float('nan')):.1f} s; {tr.get('total_steps')} steps, "
+                      f"test 99% at {tr.get('grok_step')}; load average {os.getloadavg()[0]:.1f}",
+                      flush=True)
     if args.paper:
         t0 = time.perf_counter()
         r = g.train(g.GrokkingConfig.paper(min_after_grok=0, after_grok=0.0))
         wall = time.perf_counter() - t0
         print(f"--paper setup to 99% test accuracy: step {r.grok_step}, {wall:.1f} s in "
-              f"train() (compile included; goal < {GOAL_PAPER_S:.0f} s); stopped at step "
-              f"{r.total_steps}")
+              f"train() (compile {r.compile_s:.1f} s included; goal < {GOAL_PAPER_S:.0f} s); "
+              f"stopped at step {r.total_steps}, {r.total_steps / (wall - r.compile_s):.1f} "
+              f"steps/s; load average {os.getloadavg()[0]:.1f}", flush=True)
+        assert np.isfinite(r.test_loss[-1])
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def test_model_config_is_the_papers():
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp) == (1, 128, 4, 32, 512)
     assert cfg.normalization_type is None and cfg.act_fn == "relu" and not cfg.attn_only
     assert (cfg.d_vocab, cfg.d_vocab_out, cfg.n_ctx) == (24, 23, 3)
-    params = g.init_paper_params(cfg, jax.random.key(0))
+    params = g.init_paper_params(cfg, 0)
     assert "ln_final" not in params and "ln1" not in params["blocks"][0]
     assert params["embed"]["W_E"].shape == (24, 128) and params["unembed"]["W_U"].shape == (128, 23)
     np.testing.assert_allclose(float(jnp.std(params["blocks"][0]["mlp"]["W_in"])), 128 ** -0.5, rtol=0.05)
@@ -54,7 +54,7 @@ def test_model_config_is_the_papers():
 
 def _random_params(cfg, seed):
     """The paper's init with every bias made non-zero, so the lean path's biases are exercised."""
-    params = g.init_paper_params(cfg, jax.random.key(seed))
+    params = g.init_paper_params(cfg, seed)
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
     noisy = [x + 0.3 * jax.random.normal(k, x.shape, jnp.float32)

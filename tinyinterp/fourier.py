@@ -184,6 +184,11 @@ class Spectrum:
         return jnp.sum(self.energy[idx]) / jnp.maximum(total, jnp.float32(1e-30))
 
 
+# pytrees (arrays as leaves, p / labels / threshold static), so a jitted analysis can return them
+jax.tree_util.register_dataclass(Spectrum, data_fields=["coeffs", "norms", "energy", "gini"],
+                                 meta_fields=["p", "labels"])
+
+
 def _spectrum(W: Float[Array, "p other"], p: int) -> Spectrum:
     coeffs = fourier_transform(W, p, axis=0)  # [component, other]
     norms = jnp.sqrt(jnp.sum(coeffs * coeffs, axis=1))  # [component]
@@ -238,6 +243,11 @@ class NeuronFrequencies:
         f = np.asarray(self.best_freq)[np.asarray(self.explained)]
         vals, n = np.unique(f, return_counts=True)
         return {int(v): int(c) for v, c in zip(vals, n, strict=True)}
+
+
+jax.tree_util.register_dataclass(NeuronFrequencies,
+                                 data_fields=["fractions", "best_freq", "frac_explained", "explained"],
+                                 meta_fields=["p", "threshold"])
 
 
 def neuron_frequencies(acts: Float[Array, "a b neuron"], *, threshold: float = 0.85
