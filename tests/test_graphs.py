@@ -380,3 +380,98 @@ def test_reproduce_attribution_graphs_quick(tmp_path, capsys):
     assert d["nodes"] and d["metadata"]["prompt_tokens"][0].startswith("x")
     assert (tmp_path / graph_files[0].replace(".json", ".html")).stat().st_size < 200_000
     assert "held-out prompts" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- circuit-tracer
+def test_edges_pruning_and_scores_match_circuit_tracer():
+    """The same weights in circuit-tracer (a TransformerLens state dict + its per-layer JumpReLU
+    transcoders) give the same graph. Its conventions, matched here: transcoders read the MLP
+    input after ln2's affine (so ln2 is the identity affine), token nodes hold the token embedding
+    only (so W_pos = 0), features and errors at position 0 are dropped (so they are removed from
+    ours before pruning and scores)."""
+    import types
+
+    pytest.importorskip("torch", reason="circuit-tracer parity needs torch")
+    try:
+        import huggingface_hub.constants as hc  # circuit-tracer 0.5 imports a name newer hubs lack
+        if not hasattr(hc, "HF_HUB_ENABLE_HF_TRANSFER"):
+            hc.HF_HUB_ENABLE_HF_TRANSFER = False
+        from circuit_tracer.attribution.attribute import attribute
+        from circuit_tracer.graph import compute_graph_scores
+        from circuit_tracer.graph import prune_graph as ct_prune
+        from circuit_tracer.replacement_model import ReplacementModel
+        from circuit_tracer.transcoder.activation_functions import JumpReLU
+        from circuit_tracer.transcoder.single_layer_transcoder import (
+            SingleLayerTranscoder,
+            TranscoderSet,
+        )
+    except ImportError as e:
+        pytest.skip(f"circuit-tracer is not installed (an optional extra: pip install "
+                    f"circuit-tracer): {e}")
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from transformer_lens import HookedTransformerConfig
+
+    from tinyinterp import interop
+
+    model = tinyinterp.HookedTransformer.from_config(_cfg(), seed=1)
+    P = jax.tree_util.tree_map(lambda x: x, model.params)
+    P["pos_embed"]["W_pos"] = jnp.zeros_like(P["pos_embed"]["W_pos"])
+    for b in P["blocks"]:
+        b["ln2"]["w"], b["ln2"]["b"] = jnp.ones_like(b["ln2"]["w"]), jnp.zeros_like(b["ln2"]["b"])
+    model = model.with_params(P)
+    tc = T.random_transcoders(model.cfg, 64, architecture="jumprelu", threshold=0.3, seed=3)
+    ours = graphs.attribution_graph(model, tc, PROMPT)
+
+    c = model.cfg
+    tl_cfg = HookedTransformerConfig(n_layers=c.n_layers, d_model=c.d_model, n_heads=c.n_heads,
+                                     d_head=c.d_head, d_vocab=c.d_vocab, n_ctx=c.n_ctx,
+                                     d_mlp=c.d_mlp, act_fn="relu", normalization_type="LN",
+                                     dtype=torch.float32, device="cpu")
+    sets = {}
+    for layer, p in enumerate(tc.params):
+        t = SingleLayerTranscoder(c.d_model, 64, JumpReLU(torch.tensor(np.exp(np.asarray(
+            p["log_threshold"]))), 0.1), layer_idx=layer, dtype=torch.float32,
+            device=torch.device("cpu"))
+        with torch.no_grad():
+            t.W_enc.copy_(torch.tensor(np.asarray(p["W_enc"]).T))
+            t.b_enc.copy_(torch.tensor(np.asarray(p["b_enc"])))
+            t.W_dec.copy_(torch.tensor(np.asarray(p["W_dec"])[:, 0]))
+            t.b_dec.copy_(torch.tensor(np.asarray(p["b_dec"])))
+        sets[layer] = t
+    rm = ReplacementModel.from_config(tl_cfg, TranscoderSet(
+        sets, feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out"))
+    sd = {k.replace(".mlp.", ".mlp.old_mlp.").replace("unembed.", "unembed.old_unembed."):
+          torch.tensor(np.asarray(v)) for k, v in interop.to_transformer_lens_state_dict(model).items()}
+    rm.load_state_dict(sd, strict=False)
+    rm.tokenizer = types.SimpleNamespace(  # token ids in, unchanged (no BOS is prepended)
+        all_special_ids=list(range(c.d_vocab)), padding_side="right", vocab_size=c.d_vocab,
+        bos_token_id=None, pad_token_id=None, eos_token_id=None,
+        decode=lambda t: " ".join(map(str, np.atleast_1d(np.asarray(t)).tolist())))
+    theirs = attribute(torch.tensor(PROMPT).long(), rm, batch_size=64)
+
+    af = theirs.active_features.numpy()[theirs.selected_features.numpy()]
+    assert np.all(af[:, 1] > 0)  # circuit-tracer drops position 0
+    keep = [ours.feature_node(*map(int, r)) for r in af]
+    idx = keep + list(range(ours.error_start, ours.n_nodes))
+    A = ours.dense()[np.ix_(idx, idx)]
+    A[:, [len(keep) + layer * ours.n_pos for layer in range(ours.n_layers)]] = 0.0  # errors at 0
+    A_t = theirs.adjacency_matrix.numpy()
+    np.testing.assert_array_equal(ours.logit_tokens,
+                                  [int(t.vocab_idx) for t in theirs.logit_targets])
+    np.testing.assert_allclose(A, A_t, atol=1e-5 * np.abs(A_t).max())
+    sub = graphs.AttributionGraph(sp.csr_matrix(A), np.zeros(len(idx), np.float32),
+                                  np.zeros(len(idx), np.float32), ours.tokens, af,
+                                  ours.activations[keep], ours.logit_tokens,
+                                  ours.logit_probabilities, ours.n_layers, ours.error_norms)
+    s = graphs.graph_scores(sub)
+    np.testing.assert_allclose([s.replacement, s.completeness], compute_graph_scores(theirs),
+                               atol=1e-5)
+    pt, po = ct_prune(theirs), graphs.prune_graph(sub)
+    np.testing.assert_array_equal(pt.node_mask.numpy(), po.node_mask)
+    tgt, src, _ = po.edges()
+    mine = np.zeros(A.shape, bool)
+    mine[tgt, src] = True
+    np.testing.assert_array_equal(pt.edge_mask.numpy(), mine)
+    np.testing.assert_allclose(pt.cumulative_scores.numpy(), po.cumulative_scores, atol=1e-5)
