@@ -228,6 +228,32 @@ def test_positions_after_the_scored_one_get_exactly_zero(mt, p):
     assert np.all(np.asarray(occ.values[:, pos + 1:]) == 0)
 
 
+@settings(max_examples=2)
+@given(pooled(configs=(CONFIG_POOL[1], CONFIG_POOL[5])), st.integers(-3, 100),
+       st.sampled_from(["hook_embed", "blocks.0.hook_resid_post", "last"]))
+def test_one_position_metric_gives_the_whole_models_attributions(mt, p, at):
+    """A built-in metric at one position runs the last block at that position only
+    (``A.logits_for_metric``) where the target lies before it; wrapped as a plain function the
+    same metric runs the whole model. Saliency, gradient x input, IG and occlusion agree; a
+    target inside the last block takes the whole model either way."""
+    model, tokens = mt
+    last = model.cfg.n_layers - 1
+    at = {"last": f"blocks.{last}.hook_resid_pre", "hook_embed": None}.get(at, at)
+    pos = p if p < 0 else p % tokens.shape[1]
+    m = _metric(model, tokens, pos=pos)
+    plain = lambda lg, t: m(lg, t)  # noqa: E731 (a function: the whole model runs)
+    assert A.reads_one_position(m) and not A.reads_one_position(plain)
+    for method in (A.saliency, A.gradient_x_input,
+                   lambda *a, **k: A.integrated_gradients(*a, steps=4, **k)):
+        fast, whole = (method(model, tokens, f, at=at).values for f in (m, plain))
+        np.testing.assert_allclose(np.asarray(fast), np.asarray(whole), rtol=1e-4, atol=1e-5)
+    fast, whole = (A.occlusion(model, tokens, f, baseline_token=1).values for f in (m, plain))
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(whole), rtol=1e-4, atol=1e-5)
+    inside = [(f"blocks.{last}.attn.hook_z", lambda v, *, name: v)]
+    logits, same = A.logits_for_metric(model.params, model.cfg, tokens, m, inside)
+    assert logits.shape[1] == tokens.shape[1] and same is m
+
+
 @settings(max_examples=3)
 @given(pooled(), st.integers(0, 100))
 def test_a_head_zeroed_by_its_W_O_gets_exactly_zero(mt, h):

@@ -156,7 +156,7 @@ def test_batched_sweep_equals_patches_one_at_a_time(mt, family, seed, data):
        st.sampled_from(["logit_diff", "log_prob"]), st.integers(-3, 6), st.integers(0, 2**16))
 def test_one_position_metrics_run_the_last_block_at_that_position_only(mt, family, kind, pos,
                                                                        seed):
-    """A built-in metric at one position runs the last block there only (patching.last_block_at)
+    """A built-in metric at one position runs the last block there only (attribution.last_block_at)
     where the patch lies before it; the same metric as a plain function runs the whole model. Both
     give the same sweep, in every family (patches inside the last block take the whole model)."""
     from tinyinterp import attribution as A
@@ -168,7 +168,7 @@ def test_one_position_metrics_run_the_last_block_at_that_position_only(mt, famil
     _, clean_cache = model.run_with_cache(tokens)
     metric = (A.logit_diff(pos=pos, correct=tokens[:, 0], wrong=tokens[:, 1]) if kind == "logit_diff"
               else A.log_prob(tokens[:, 2], pos=pos))
-    assert P._one_position(metric)
+    assert A.reads_one_position(metric)
     fn = getattr(P, f"get_act_patch_{family}")
     fast = fn(model, corrupted, clean_cache, metric, chunk_size=3)
     whole = fn(model, corrupted, clean_cache, lambda lg, t: metric(lg, t), chunk_size=3)
@@ -176,7 +176,7 @@ def test_one_position_metrics_run_the_last_block_at_that_position_only(mt, famil
     _close(fast.baseline, whole.baseline)
     resid = clean_cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_pre"]
     start = P.forward(model.params, model.cfg, resid, start_at_layer=model.cfg.n_layers - 1)
-    _close(P.last_block_at(model.params, model.cfg, resid, pos)[:, 0], start[:, pos])
+    _close(A.last_block_at(model.params, model.cfg, resid, pos)[:, 0], start[:, pos])
 
 
 @pytest.mark.slow  # compiles one program per family and helper (~8 programs)

@@ -28,6 +28,7 @@ identities); no second model is written.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -148,6 +149,82 @@ def loss(pos: int | None = None) -> Metric:
     """Next-token cross-entropy per example: the mean over positions, or the loss of predicting
     token ``pos + 1`` at ``pos``."""
     return Metric("loss", None if pos is None else _check_pos(pos))
+
+
+# A built-in metric of these kinds reads the logits at one position (``Metric.pos``). A run for it
+# needs the last block and the unembedding at that position only (its keys and values still come
+# from every position) when nothing inside the last block is hooked: on the reference shape this
+# skips about a third of a forward and of a backward (benchmarks/patching.py, attribution.py).
+ONE_POSITION_KINDS = ("logit", "logit_diff", "log_prob")
+
+
+def reads_one_position(metric) -> bool:
+    """Whether ``metric`` is a built-in metric that reads the logits at one position only."""
+    return (isinstance(metric, Metric) and metric.kind in ONE_POSITION_KINDS
+            and metric.pos is not None)
+
+
+def last_block_at(params: dict, cfg, resid: Float[Array, "batch pos d_model"], pos
+                  ) -> Float[Array, "batch 1 d_vocab_out"]:
+    """The last block and the unembedding at one position: ``resid`` entering block
+    n_layers - 1 -> the logits at ``pos`` (an int or a traced int; negative counts from the end),
+    equal to ``forward(..., start_at_layer=n_layers - 1)[:, pos]``: the query at ``pos`` only,
+    the keys and values of every position it sees, the same plain functions of model.py. No hook
+    point is visited (callers use it where nothing inside the last block is hooked)."""
+    from tinyinterp import model as M
+    from tinyinterp.hooks import HookContext
+
+    last = cfg.n_layers - 1
+    p, hp, n_pos = params["blocks"][last], HookContext(), resid.shape[1]
+    i = jnp.asarray(pos, jnp.int32) % n_pos
+    x = M.normalize(resid, p.get("ln1", {}), f"blocks.{last}.ln1", cfg, hp)
+    at = p["attn"]
+    x_i = jax.lax.dynamic_slice_in_dim(x, i, 1, axis=1)  # [batch, 1, d_model]
+    # [batch, pos, d_model] @ [head, d_model, d_head] -> [batch, pos, head, d_head]
+    q = jnp.einsum("bpm,hmd->bphd", x_i, at["W_Q"]) + at["b_Q"][None, None]
+    k = jnp.einsum("bpm,hmd->bphd", x, at["W_K"]) + at["b_K"][None, None]
+    v = jnp.einsum("bpm,hmd->bphd", x, at["W_V"]) + at["b_V"][None, None]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / math.sqrt(cfg.d_head))  # [b, h, 1, pos]
+    scores = jnp.where((jnp.arange(n_pos) <= i)[None, None, None], scores, -jnp.inf)
+    z = jnp.einsum("bhqk,bkhd->bqhd", M.softmax_pattern(scores), v)  # [batch, 1, head, d_head]
+    out = jnp.einsum("bqhd,hdm->bqm", z, at["W_O"]) + at["b_O"][None, None]
+    r = jax.lax.dynamic_slice_in_dim(resid, i, 1, axis=1) + out  # [batch, 1, d_model]
+    if not cfg.attn_only:
+        r = r + M.mlp(p["mlp"], M.normalize(r, p.get("ln2", {}), f"blocks.{last}.ln2", cfg, hp),
+                      last, cfg, hp)
+    return M.unembed(params, r, cfg, hp)
+
+
+def _hook_before_last_block(name, cfg) -> bool:
+    """A hook point the last block only reads: the embeddings, an earlier block's, or the residual
+    stream entering the last block."""
+    last = cfg.n_layers - 1
+    if not isinstance(name, str):
+        return False
+    if name in EMBEDDINGS:
+        return True
+    return name.startswith("blocks.") and (int(name.split(".")[1]) < last
+                                           or name == f"blocks.{last}.hook_resid_pre")
+
+
+def logits_for_metric(params, cfg, inputs, metric, fwd_hooks=(), *, start_at_layer=None):
+    """(logits, metric to apply to them) of a hooked run: the whole model's logits and ``metric``;
+    or, for a built-in metric at one position with every hook before the last block, the logits
+    at that position only [batch, 1, d_vocab_out] (``last_block_at``) and the metric at position
+    0 of them. Both give the same metric values."""
+    last = cfg.n_layers - 1
+    if not (reads_one_position(metric) and all(_hook_before_last_block(n, cfg) for n, _ in fwd_hooks)
+            and (start_at_layer is None or start_at_layer <= last)):
+        return forward(params, cfg, inputs, fwd_hooks=fwd_hooks, start_at_layer=start_at_layer), metric
+    entering = f"blocks.{last}.hook_resid_pre"  # visited by the last block: applied here instead
+    resid = inputs
+    if start_at_layer is None or start_at_layer < last:
+        resid = forward(params, cfg, inputs, fwd_hooks=[h for h in fwd_hooks if h[0] != entering],
+                        start_at_layer=start_at_layer, stop_at_layer=last)
+    for name, fn in fwd_hooks:
+        if name == entering:
+            resid = fn(resid, name=name)
+    return last_block_at(params, cfg, resid, metric.pos), dataclasses.replace(metric, pos=0)
 
 
 def _metric_values(metric: MetricFn, logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -490,9 +567,9 @@ def _tile(tokens: jax.Array, k: int) -> jax.Array:
 def _folded_metric(model, tokens, metric, k: int, hooks) -> jax.Array:
     """metric for k variants folded into the batch: -> [k, batch]. The model runs once on
     [k*batch, pos]; the metric sees each variant's [batch] logits (so per-example ids still fit)."""
-    logits = forward(model.params, model.cfg, _tile(tokens, k), fwd_hooks=hooks)
+    logits, at = logits_for_metric(model.params, model.cfg, _tile(tokens, k), metric, hooks)
     logits = logits.reshape(k, tokens.shape[0], *logits.shape[1:])
-    return jax.vmap(lambda lg: _metric_values(metric, lg, tokens))(logits)
+    return jax.vmap(lambda lg: _metric_values(at, lg, tokens))(logits)
 
 
 def _chunk(n_points: int, n_batch: int, cfg, n_pos: int, chunk_size: int | None) -> int:
@@ -519,9 +596,9 @@ def _grad_at(model, tokens, metric, names, x, hooks_before=(), hooks_after=()):
     """(metric [batch], {name: d sum(metric) / d x[name]}) with the target replaced by ``x``."""
 
     def f(x):
-        logits = forward(model.params, model.cfg, tokens,
-                         fwd_hooks=[*hooks_before, *_replace_hooks(x), *hooks_after])
-        m = _metric_values(metric, logits, tokens)
+        logits, at = logits_for_metric(model.params, model.cfg, tokens, metric,
+                                       [*hooks_before, *_replace_hooks(x), *hooks_after])
+        m = _metric_values(at, logits, tokens)
         return jnp.sum(m), m
 
     g, m = jax.grad(f, has_aux=True)(x)

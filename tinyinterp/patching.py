@@ -39,7 +39,6 @@ key_pos (alias src_pos), d_vocab. ``head_index`` is accepted for ``head``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 from collections.abc import Callable, Mapping, Sequence
@@ -52,6 +51,7 @@ import numpy as np
 from jaxtyping import Array, Int
 
 from tinyinterp import sweeps
+from tinyinterp.attribution import logits_for_metric
 from tinyinterp.config import TransformerConfig
 from tinyinterp.hooks import get_act_name, hook_names, unknown_hook_error
 from tinyinterp.model import HookedTransformer, check_tokens, forward, forward_with_cache
@@ -412,74 +412,13 @@ def _metric_per_patch(metric: Metric, logits: jax.Array, tokens: jax.Array, k: i
     return jax.vmap(lambda lg: metric(lg, tokens))(per)
 
 
-# ----------------------------------------------------------------------------- one-position metrics
-# A built-in metric of these kinds reads the logits at one position only (``Metric.pos``); a patched
-# run then needs the last block and the unembedding at that position alone (its keys and values
-# still come from every position). On the reference shape's resid_pre sweep that skips about a third
-# of the work (benchmarks/patching.py); every other metric runs the whole model.
-_ONE_POSITION_KINDS = ("logit", "logit_diff", "log_prob")
-
-
-def _one_position(metric) -> bool:
-    from tinyinterp.attribution import Metric as BuiltIn
-
-    return (isinstance(metric, BuiltIn) and metric.kind in _ONE_POSITION_KINDS
-            and metric.pos is not None)
-
-
-def _trims_last_block(group: _Group, cfg: TransformerConfig) -> bool:
-    """Whether the group's patch lies before the last block's attention (so the last block can
-    run at the metric's position only): a patch in an earlier block, of the embeddings, or of the
-    residual stream entering the last block."""
-    last = cfg.n_layers - 1
-    return group.start is None or group.start < last or group.name == f"blocks.{last}.hook_resid_pre"
-
-
-def last_block_at(params: dict, cfg: TransformerConfig, resid: jax.Array, pos
-                  ) -> jax.Array:
-    """The last block and the unembedding at one position: resid [batch, pos, d_model] entering
-    block n_layers - 1 -> logits [batch, 1, d_vocab_out] at ``pos`` (an int or a traced int;
-    negative counts from the end), equal to ``forward(..., start_at_layer=n_layers - 1)[:, pos]``:
-    the query at ``pos`` only, the keys and values of every position it sees. No hook points are
-    visited (callers use it where no hook lies inside the last block)."""
-    from tinyinterp import model as M
-    from tinyinterp.hooks import HookContext
-
-    last = cfg.n_layers - 1
-    p, hp, n_pos = params["blocks"][last], HookContext(), resid.shape[1]
-    i = jnp.asarray(pos, jnp.int32) % n_pos
-    x = M.normalize(resid, p.get("ln1", {}), f"blocks.{last}.ln1", cfg, hp)
-    at = p["attn"]
-    x_i = jax.lax.dynamic_slice_in_dim(x, i, 1, axis=1)  # [batch, 1, d_model]
-    # [batch, pos, d_model] @ [head, d_model, d_head] -> [batch, pos, head, d_head]
-    q = jnp.einsum("bpm,hmd->bphd", x_i, at["W_Q"]) + at["b_Q"][None, None]
-    k = jnp.einsum("bpm,hmd->bphd", x, at["W_K"]) + at["b_K"][None, None]
-    v = jnp.einsum("bpm,hmd->bphd", x, at["W_V"]) + at["b_V"][None, None]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / np.sqrt(cfg.d_head))  # [b, h, 1, pos]
-    scores = jnp.where((jnp.arange(n_pos) <= i)[None, None, None], scores, -jnp.inf)
-    z = jnp.einsum("bhqk,bkhd->bqhd", M.softmax_pattern(scores), v)  # [batch, 1, head, d_head]
-    out = jnp.einsum("bqhd,hdm->bqm", z, at["W_O"]) + at["b_O"][None, None]
-    r = jax.lax.dynamic_slice_in_dim(resid, i, 1, axis=1) + out  # [batch, 1, d_model]
-    if not cfg.attn_only:
-        r = r + M.mlp(p["mlp"], M.normalize(r, p.get("ln2", {}), f"blocks.{last}.ln2", cfg, hp),
-                      last, cfg, hp)
-    return M.unembed(params, r, cfg, hp)
-
-
 def _patched_metric(params, cfg, x, hook, group: _Group, metric, tokens, k: int) -> jax.Array:
     """The metric [k, batch] of k patched runs folded into the batch of ``x`` (the residual entering
-    block ``group.start``, or tokens)."""
-    if not (_one_position(metric) and _trims_last_block(group, cfg)):
-        out = forward(params, cfg, x, fwd_hooks=[(group.name, hook)], start_at_layer=group.start)
-        return _metric_per_patch(metric, out, tokens, k)
-    last = cfg.n_layers - 1
-    if group.start == last:  # the patch is the residual entering the last block itself
-        resid = hook(x, name=group.name)
-    else:
-        resid = forward(params, cfg, x, fwd_hooks=[(group.name, hook)],
-                        start_at_layer=group.start, stop_at_layer=last)
-    logits = last_block_at(params, cfg, resid, metric.pos)  # [k*batch, 1, vocab]
-    return _metric_per_patch(dataclasses.replace(metric, pos=0), logits, tokens, k)
+    block ``group.start``, or tokens). A built-in metric at one position runs the last block there
+    only when the patch lies before it (``attribution.logits_for_metric``)."""
+    logits, metric = logits_for_metric(params, cfg, x, metric, [(group.name, hook)],
+                                       start_at_layer=group.start)
+    return _metric_per_patch(metric, logits, tokens, k)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "metric_static", "groups", "chunk_size",
