@@ -21,6 +21,10 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 _CHECKED = ["tinyinterp.model", "tinyinterp.fast", "tinyinterp.inputs"]
 install_import_hook(_CHECKED, "beartype.beartype")
 
+# The CLI keeps compiled programs on disk (tinyinterp.compile_cache); the tests call it in-process
+# and must neither write the user's cache nor depend on it.
+os.environ["TINYINTERP_COMPILE_CACHE"] = "0"
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402

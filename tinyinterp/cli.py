@@ -379,11 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     not one, a run that diverged) is one line on stderr and exit code 2 (1 for a run that failed:
     divergence, an OS error), never a traceback."""
     from tinyinterp.checkpoint import CheckpointError
+    from tinyinterp.compile_cache import enable_compile_cache
     from tinyinterp.memory import tune_malloc
     from tinyinterp.train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     tune_malloc()  # keep freed buffers for reuse (TINYINTERP_MALLOC=default opts out)
+    enable_compile_cache()  # keep compiled programs between runs (TINYINTERP_COMPILE_CACHE=0 opts out)
     name = f"tinyinterp {args.command}"
     try:
         if args.command == "reproduce":

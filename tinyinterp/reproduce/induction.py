@@ -523,7 +523,8 @@ def run(out_dir: str | os.PathLike = "induction-heads", *, seed: int = 0, quick:
     eval_key = jax.random.fold_in(jax.random.key(seed), 0xE7A1)
     eval_tokens = distinct_repeated_tokens(eval_key, 64, cfg.d_vocab, SEQ_LEN, N_REPEATS)
     # held-out loss on the training distribution too (the repeats' predictions)
-    train_batch = task.sample(jax.random.fold_in(eval_key, 1), 256)
+    # one compiled program (called eagerly, its dozens of operations each compiled: ~4 s)
+    train_batch = jax.jit(task.sample, static_argnums=1)(jax.random.fold_in(eval_key, 1), 256)
     train_dist = task.loss_metrics(model(train_batch["tokens"], return_type="loss",
                                     loss_per_token=True), train_batch)
     from tinyinterp.fast import resolve_backend

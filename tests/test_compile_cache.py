@@ -1,0 +1,60 @@
+"""The CLI's persistent compilation cache: written where asked, bounded, off when asked, and a
+folder that cannot be written is one warning, not an error. Each case runs in a child process
+(the cache is process-wide JAX configuration)."""
+
+import os
+import subprocess
+import sys
+
+CHILD = """
+import os, sys, warnings
+import jax, jax.numpy as jnp
+from tinyinterp.compile_cache import enable_compile_cache
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    where = enable_compile_cache(sys.argv[1] if sys.argv[1] != "-" else None, max_bytes=1 << 20)
+print("WHERE", where)
+print("WARN", len(w), w[0].message if w else "")
+print("MAX", jax.config.jax_compilation_cache_max_size)
+print("OUT", float(jax.jit(lambda x: jnp.sin(x) * 3.0)(jnp.float32(0.5))))
+"""
+
+
+def _child(arg, env_value, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["TINYINTERP_COMPILE_CACHE"] = env_value
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    out = subprocess.run([sys.executable, "-c", CHILD, arg], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    return dict(line.split(" ", 1) for line in out.strip().splitlines())
+
+
+def test_cache_is_written_where_asked_and_reused(tmp_path):
+    target = tmp_path / "cache"
+    first = _child(str(target), "", tmp_path)
+    assert first["WHERE"] == str(target) and first["WARN"].startswith("0")
+    assert first["MAX"] == str(1 << 20)
+    entries = set(os.listdir(target))
+    assert entries  # the jitted program was kept
+    second = _child(str(target), "", tmp_path)
+    assert second["OUT"] == first["OUT"]  # same result from the loaded program
+
+
+def test_default_folder_env_path_and_off(tmp_path):
+    res = _child("-", "", tmp_path)
+    assert res["WHERE"] == str(tmp_path / "xdg" / "tinyinterp" / "xla")
+    assert os.listdir(tmp_path / "xdg" / "tinyinterp" / "xla")
+    res = _child("-", str(tmp_path / "envdir"), tmp_path)
+    assert res["WHERE"] == str(tmp_path / "envdir")
+    off = tmp_path / "off"
+    off.mkdir()
+    res = _child("-", "0", off)
+    assert res["WHERE"] == "None" and not (off / "xdg").exists()  # nothing written
+
+
+def test_unwritable_folder_is_one_warning(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    res = _child(str(blocker / "cache"), "", tmp_path)
+    assert res["WHERE"] == "None" and res["WARN"].startswith("1")
+    assert "not kept between runs" in res["WARN"] and res["OUT"]
