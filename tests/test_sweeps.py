@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-TIMEOUT_S = 600  # a hard bound: a hung child is killed and the tests fail
+# A hard bound: a hung child is killed and the checks it did not reach fail. The checks take
+# about 2 CPU-minutes; a machine shared with other jobs has stretched that past 10 minutes.
+TIMEOUT_S = 1800
 
 
 def _child_env() -> dict:
@@ -24,16 +26,21 @@ def _child_env() -> dict:
 
 @pytest.fixture(scope="module")
 def two_device_results() -> dict:
-    proc = subprocess.run([sys.executable, str(HERE / "two_devices.py")], env=_child_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    try:
+        proc = subprocess.run([sys.executable, str(HERE / "two_devices.py")], env=_child_env(),
+                              capture_output=True, text=True, timeout=TIMEOUT_S)
+        stdout, stderr, code = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:  # the checks that finished still count
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stderr, code = f"killed after {TIMEOUT_S} s", None
     rows = {}
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("{"):
             row = json.loads(line)
             rows[row["check"]] = row
     if not rows:
-        pytest.fail(f"the two-device child printed no results (exit {proc.returncode}):\n"
-                    f"{proc.stderr[-4000:]}")
+        pytest.fail(f"the two-device child printed no results (exit {code}):\n{stderr[-4000:]}")
+    rows["_stopped"] = f"exit {code}: {stderr[-2000:]}"
     return rows
 
 
@@ -47,7 +54,8 @@ def _names() -> list[str]:
 @pytest.mark.parametrize("name", _names())
 def test_two_devices(two_device_results, name):
     row = two_device_results.get(name)
-    assert row is not None, f"check {name} did not report (the child stopped before it)"
+    assert row is not None, (f"check {name} did not report (the child stopped before it: "
+                             f"{two_device_results.get('_stopped', 'see the other checks')})")
     assert row["ok"], row["error"]
 
 
