@@ -10,8 +10,9 @@ predicts r2(r1(x))) on 75% of the 512 prompts; the other 25% are held out. On a 
 the model has never seen (x, r1, r2) together, so memorising the triple is impossible: answering
 needs r2 applied to the intermediate.
 
-Then: cross-layer transcoders on the model's MLP activations (per-layer report: normalised MSE,
-L0, dead fraction, predictions kept with the transcoders in place of the MLPs); an attribution
+Then: cross-layer transcoders on the model's MLP activations, and per-layer JumpReLU
+transcoders with a skip for comparison (per-layer report: normalised MSE, L0, dead fraction,
+predictions kept with the transcoders in place of the MLPs); an attribution
 graph, pruned, for every held-out prompt the model answers correctly; and two measurements:
 
 1. does a feature on the graph's path encode the intermediate? For the most influential
@@ -131,6 +132,11 @@ def run(out_dir, *, seed: int = 0, quick: bool = False, verbose: bool = True) ->
                           sparsity=s["sparsity"], lr=3e-3, chunk_size=s["clt_steps"])
     tc, hist = T.train_clt(xs, ys, clt_cfg, seed=seed)
     tc_report = T.evaluate(model, tc, task["test"][:, :3])
+    # for comparison: per-layer JumpReLU transcoders with a skip connection, same data
+    plt = T.train_transcoders(xs, ys, s["clt_features"], architecture="jumprelu", skip=True,
+                              l0_coefficient=1e-3, n_steps=s["clt_steps"], batch_size=256,
+                              resample_every=0, chunk_size=s["clt_steps"], lr=3e-3, seed=seed)
+    plt_report = T.evaluate(model, plt, task["test"][:, :3])
     if verbose:
         for row in tc_report["layers"]:
             print(f"[graphs] CLT layer {row['layer']}: normalised MSE {row['normalized_mse']:.4f}, "
@@ -211,6 +217,7 @@ def run(out_dir, *, seed: int = 0, quick: bool = False, verbose: bool = True) ->
                   "final_loss": float(losses[-1])},
         "transcoders": {"kind": "cross-layer JumpReLU", **tc_report,
                         "final_loss": float(hist["loss"][-1])},
+        "per_layer_transcoders": {"kind": "per-layer JumpReLU with skip", **plt_report},
         "graphs": {"n": len(ok), "mean_replacement": float(np.mean([r for r, _ in scores]))
                    if scores else None,
                    "mean_completeness": float(np.mean([c for _, c in scores])) if scores else None,
@@ -273,6 +280,11 @@ def _summary(r: dict) -> list[str]:
         f"{x['dead_fraction']:.2f}" for x in t["layers"])
         + f"; with them in place of the MLPs (no error terms) {t['prediction_agreement']:.1%} of "
           "the next-token predictions are kept.")
+    pl = r["per_layer_transcoders"]
+    lines.append("Per-layer JumpReLU transcoders with a skip connection: " + "; ".join(
+        f"layer {x['layer']} normalised MSE {x['normalized_mse']:.3f}, L0 {x['l0']:.1f}, dead "
+        f"{x['dead_fraction']:.2f}" for x in pl["layers"])
+        + f"; predictions kept {pl['prediction_agreement']:.1%}.")
     if g["n"]:
         lines.append(f"{g['n']} graphs of correctly answered held-out prompts: replacement score "
                      f"{g['mean_replacement']:.3f}, completeness {g['mean_completeness']:.3f} "
@@ -305,12 +317,16 @@ def _markdown(r: dict, figures, summary) -> str:
           "pruned with node threshold 0.8 and edge threshold 0.98. The graph JSON files use the "
           "public attribution-graph frontend's schema; the .html files are self-contained views.",
           "", "## Transcoders (held-out prompts)", "",
-          "| layer | normalised MSE | L0 | dead fraction |", "|---|---|---|---|"]
-    for x in r["transcoders"]["layers"]:
-        md.append(f"| {x['layer']} | {x['normalized_mse']:.4f} | {x['l0']:.2f} | "
-                  f"{x['dead_fraction']:.3f} |")
-    md += ["", f"Predictions kept with the transcoders replacing the MLPs: "
-               f"{r['transcoders']['prediction_agreement']:.3f}", "",
+          "| transcoders | layer | normalised MSE | L0 | dead fraction | predictions kept |",
+          "|---|---|---|---|---|---|"]
+    for key in ("transcoders", "per_layer_transcoders"):
+        for x in r[key]["layers"]:
+            md.append(f"| {r[key]['kind']} | {x['layer']} | {x['normalized_mse']:.4f} | "
+                      f"{x['l0']:.2f} | {x['dead_fraction']:.3f} | "
+                      f"{r[key]['prediction_agreement']:.3f} |")
+    md += ["", "Predictions kept: the fraction of next-token predictions (every position) "
+               "unchanged when the transcoders replace the MLPs with no error terms. The graphs "
+               "use the cross-layer transcoders.", "",
            "## Path features and the intermediate", "",
            "| feature | intermediate | precision | recall |", "|---|---|---|---|"]
     for e in r["intermediate_encoding"]:
