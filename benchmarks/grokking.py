@@ -15,7 +15,8 @@ previous one (same process), the default command, and the paper's setup to 99% t
      attention, MLP and unembedding; keys and values looked up from per-(token, position) tables;
    - "lean" (the reproduction's step): the same, with the MLP output sent to the logits through
      W_L = W_out @ W_U.
-   Printed: ms per step (median of rounds), steps/s, and each path's time over "lean".
+   Printed: ms per step (median of rounds, the paths interleaved), steps/s, and each path's time
+   over "lean".
 2. The training loop, old against new, in this process: the previous chunk (the old lean step;
    every 10 steps, the loss and accuracy of all p^2 pairs) against ``grokking._make_chunk`` (the
    new step; the training pairs' loss and accuracy from the step's own forward pass, the test
@@ -61,15 +62,19 @@ PATHS = {"model (xla)": (g.model_last_position_logits, "xla"),
          "lean": (g.last_position_logits, "xla")}
 
 
-def _timed(fn, args, rounds: int) -> float:
-    """Median seconds of ``fn(*args)`` over ``rounds`` calls, after one call that compiles."""
-    jax.block_until_ready(fn(*args))
-    times = []
+def _timed(fns: dict, args: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of ``fns[name](*args[name])`` over ``rounds``, after one call each that
+    compiles; the rounds interleave the functions, so a change in the machine's load falls on
+    all of them alike."""
+    for name, fn in fns.items():
+        jax.block_until_ready(fn(*args[name]))
+    times = {name: [] for name in fns}
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args[name]))
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def step_times(tc: g.GrokkingConfig, rounds: int, steps: int = 20) -> dict[str, float]:
@@ -78,7 +83,7 @@ def step_times(tc: g.GrokkingConfig, rounds: int, steps: int = 20) -> dict[str, 
     data = modular_addition_split(tc.p, tc.train_fraction, tc.seed)
     tokens = jnp.asarray(data.tokens)[jnp.asarray(data.train_idx)]
     labels = jnp.asarray(data.labels)[jnp.asarray(data.train_idx)]
-    out = {}
+    fns, args = {}, {}
     for name, (fn, backend) in PATHS.items():
         cfg = g.model_config(tc.p).replace(attention_backend=backend)
         params = g.init_paper_params(cfg, 0)
@@ -91,10 +96,10 @@ def step_times(tc: g.GrokkingConfig, rounds: int, steps: int = 20) -> dict[str, 
             updates, state = opt.update(grads, state, params)
             return (g.optax.apply_updates(params, updates), state), loss
 
-        run = jax.jit(lambda params, state, step=step: jax.lax.scan(step, (params, state), None,
-                                                                    length=steps))
-        out[name] = _timed(run, (params, opt.init(params)), rounds) / steps * 1e3
-    return out
+        fns[name] = jax.jit(lambda params, state, step=step: jax.lax.scan(
+            step, (params, state), None, length=steps))
+        args[name] = (params, opt.init(params))
+    return {name: t / steps * 1e3 for name, t in _timed(fns, args, rounds).items()}
 
 
 def _old_chunk(tc: g.GrokkingConfig, cfg, data, frozen):
@@ -146,8 +151,8 @@ def loop_ab(tc: g.GrokkingConfig, rounds: int) -> dict[str, float]:
     opt, new = g._make_chunk(tc, cfg, data, frozen)
     old = _old_chunk(tc, cfg, data, frozen)
     args = (params, opt.init(params))
-    return {name: tc.snapshot_every / _timed(fn, args, rounds) for name, fn in
-            (("old", old), ("new", new))}
+    t = _timed({"old": old, "new": new}, {"old": args, "new": args}, rounds)
+    return {name: tc.snapshot_every / v for name, v in t.items()}
 
 
 def command_time(out_dir: str, *extra: str) -> tuple[float, int, dict]:
