@@ -445,16 +445,19 @@ def train_clt(xs: np.ndarray, ys: np.ndarray, c: CLTConfig, *, seed: int = 0
 def replacement_logits(model, tc: Transcoders, tokens) -> Float[Array, "batch pos vocab"]:
     """Logits of the replacement model: every MLP replaced by its transcoder (no error terms),
     attention and norms computed as usual."""
+    tc.check(model.cfg)
+    return _replacement_logits(model.params, tc, jnp.asarray(tokens), cfg=model.cfg)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _replacement_logits(params, tc: Transcoders, tokens, *, cfg):
     from tinyinterp.model import forward
 
-    cfg = model.cfg
-    tc.check(cfg)
     state: dict = {"xs": {}, "acts": {}}
 
     def read(v, *, name):
         layer = int(name.split(".")[1])
-        shape = v.shape  # [batch, pos, d_model]
-        state["xs"][layer] = v.reshape(-1, shape[-1])
+        state["xs"][layer] = v.reshape(-1, v.shape[-1])  # [batch * pos, d_model]
         state["acts"][layer] = tc.encode(layer, state["xs"][layer])[1]
         return v
 
@@ -464,8 +467,12 @@ def replacement_logits(model, tc: Transcoders, tokens) -> Float[Array, "batch po
 
     hooks = [(mlp_input_hook(cfg, i), read) for i in range(tc.n_layers)]
     hooks += [(f"blocks.{i}.hook_mlp_out", write) for i in range(tc.n_layers)]
-    return jax.jit(lambda p, t: forward(p, cfg, t, fwd_hooks=hooks))(model.params,
-                                                                      jnp.asarray(tokens))
+    return forward(params, cfg, tokens, fwd_hooks=hooks)
+
+
+@jax.jit
+def _run_all(tc: Transcoders, xs):
+    return tc(list(xs))
 
 
 def evaluate(model, tc: Transcoders, tokens, *, batch_size: int = 64) -> dict:
@@ -474,7 +481,7 @@ def evaluate(model, tc: Transcoders, tokens, *, batch_size: int = 64) -> dict:
     ``prediction_agreement``: the fraction of next-token predictions (argmax, every position)
     kept when the transcoders replace the MLPs with no error terms."""
     xs, ys = collect_mlp_io(model, tokens, batch_size=batch_size)
-    outs, _, acts = jax.jit(lambda x: tc(list(x)))(jnp.asarray(xs))
+    outs, _, acts = _run_all(tc, jnp.asarray(xs))
     layers = []
     for layer in range(tc.n_layers):
         y, yhat, a = ys[layer], np.asarray(outs[layer]), np.asarray(acts[layer])
