@@ -58,3 +58,47 @@ def test_unwritable_folder_is_one_warning(tmp_path):
     res = _child(str(blocker / "cache"), "", tmp_path)
     assert res["WHERE"] == "None" and res["WARN"].startswith("1")
     assert "not kept between runs" in res["WARN"] and res["OUT"]
+
+
+NUMBA_CHILD = """
+import sys, numpy as np
+import jax
+from jax import monitoring
+hits = []
+monitoring.register_event_listener(
+    lambda name, **kw: hits.append(name) if "cache_hit" in name else None)
+from tinyinterp.compile_cache import enable_compile_cache
+enable_compile_cache(sys.argv[1])
+import tinyinterp
+from tinyinterp.model import forward
+cfg = tinyinterp.TransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_vocab=16,
+                                   n_ctx=16, attn_only=True, attention_backend="numba")
+m = tinyinterp.HookedTransformer.from_config(cfg, seed=0)
+toks = jax.random.randint(jax.random.key(1), (4, 16), 0, 16)
+f = jax.jit(lambda p, t: forward(p, cfg, t))
+assert "tinyinterp_" in f.lower(m.params, toks).as_text()  # the Numba kernels are in it
+g = jax.jit(jax.grad(lambda p, t: forward(p, cfg, t, return_type="loss")))
+xla = cfg.replace(attention_backend="xla")
+gx = jax.grad(lambda p, t: forward(p, xla, t, return_type="loss"))(m.params, toks)
+d_out = np.abs(np.asarray(f(m.params, toks)) - np.asarray(forward(m.params, xla, toks))).max()
+d_grad = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+             zip(jax.tree.leaves(g(m.params, toks)), jax.tree.leaves(gx), strict=True))
+print("HITS", len(hits))
+print("DIFF", max(float(d_out), d_grad))
+"""
+
+
+def test_numba_programs_loaded_from_the_cache_compute_the_same(tmp_path):
+    """A program that calls the Numba kernels, compiled in one process and loaded from the cache
+    in another, still calls this process's kernels: the FFI targets are found by name (no address
+    from the compiling process survives), and values and gradients equal the XLA path's."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["TINYINTERP_COMPILE_CACHE"] = ""
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", NUMBA_CHILD, str(tmp_path / "c")], env=env,
+                             capture_output=True, text=True, timeout=300, check=True).stdout
+        runs.append(dict(line.split(" ", 1) for line in out.strip().splitlines()))
+    assert int(runs[1]["HITS"]) > int(runs[0]["HITS"])  # the second process loaded programs
+    for r in runs:
+        assert float(r["DIFF"]) < 1e-4, r
