@@ -13,8 +13,9 @@ previous one (same process), the default command, and the paper's setup to 99% t
      unembedding), on the XLA attention path and on "auto" (the Numba kernels where they apply);
    - "lean, W_out then W_U" (the previous session's step): only the last position's query,
      attention, MLP and unembedding; keys and values looked up from per-(token, position) tables;
-   - "lean" (the reproduction's step): the same, with the MLP output sent to the logits through
-     W_L = W_out @ W_U.
+   - "lean, via W_L": the same, with the MLP output sent to the logits through W_L = W_out @ W_U;
+   - "lean" (the reproduction's step): via W_L where p <= d_model / 2 (the default setup), W_out
+     then W_U otherwise (the paper's p 113).
    Printed: ms per step (median of rounds, the paths interleaved), steps/s, and each path's time
    over "lean".
 2. The training loop, old against new, in this process: the previous chunk (the old lean step;
@@ -56,9 +57,14 @@ def _old_lean(params, cfg, tokens):
     return g.last_position_logits(params, cfg, tokens, via_W_L=False)
 
 
+def _lean_W_L(params, cfg, tokens):
+    return g.last_position_logits(params, cfg, tokens, via_W_L=True)
+
+
 PATHS = {"model (xla)": (g.model_last_position_logits, "xla"),
          "model (auto)": (g.model_last_position_logits, "auto"),
          "lean, W_out then W_U": (_old_lean, "xla"),
+         "lean, via W_L": (_lean_W_L, "xla"),
          "lean": (g.last_position_logits, "xla")}
 
 

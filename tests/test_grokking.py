@@ -72,6 +72,10 @@ def test_lean_step_is_the_models_loss_and_gradient(backend):
     lean = jax.jit(g.last_position_logits, static_argnums=1)(params, cfg, tokens)
     ref = forward(params, cfg, tokens)[:, -1]  # the whole model, full sequence
     np.testing.assert_allclose(np.asarray(lean), np.asarray(ref), atol=2e-5, rtol=1e-5)
+    # both orders of the MLP-to-logits product (W_L = W_out @ W_U, or W_out then W_U)
+    for via_W_L in (True, False):
+        other = g.last_position_logits(params, cfg, tokens, via_W_L=via_W_L)
+        np.testing.assert_allclose(np.asarray(other), np.asarray(ref), atol=2e-5, rtol=1e-5)
     tr = jnp.asarray(data.train_idx)
     labels = jnp.asarray(data.labels)[tr]
 

@@ -160,7 +160,7 @@ def frozen_mask(params: dict) -> dict:
 
 # ----------------------------------------------------------------------------- the lean step
 def last_position_logits(params: dict, cfg: TransformerConfig, tokens: Int[Array, "batch pos"], *,
-                         via_W_L: bool = True) -> Float[Array, "batch d_vocab_out"]:
+                         via_W_L: bool | None = None) -> Float[Array, "batch d_vocab_out"]:
     """The logits at the last position, computing only what they need: equal (to float32
     rounding) to ``tinyinterp.model.forward(params, cfg, tokens)[:, -1]`` for a one-layer model
     without norms.
@@ -168,14 +168,15 @@ def last_position_logits(params: dict, cfg: TransformerConfig, tokens: Int[Array
     Why it is faster: only the last position's query, attention output, MLP and unembedding are
     computed, and the keys and values are looked up, not multiplied: they depend only on (token,
     position), so they are computed once per vocabulary entry ([d_vocab, pos, ...] tables, 60-114
-    rows) instead of once per example (thousands), and gathered; and the MLP's output goes to
-    the logits through W_L = W_out @ W_U [d_mlp, p] (one matmul of p columns, not W_out's
-    d_model = 128 and then W_U: the same sum, reassociated; 1.6-2.2x faster per training step
-    than multiplying by W_out then W_U, measured in one process by benchmarks/grokking.py).
-    ``via_W_L=False``: W_out then W_U, as before (the benchmark's reference). (Gathering the
-    value-output products [.., head, d_model] instead of the values, one-hot
-    matmuls instead of gathers, and folding W_O into W_in and W_U measured 1.3x, 1.2x and 1.2x
-    slower.)"""
+    rows) instead of once per example (thousands), and gathered; and, where p is small, the
+    MLP's output goes to the logits through W_L = W_out @ W_U [d_mlp, p] (one matmul of p
+    columns, not W_out's d_model = 128 and then W_U: the same sum, reassociated).
+    ``via_W_L``: None (default) picks W_L when d_vocab_out <= d_model / 2, where it saves most of
+    that matmul's work: at p 43, 1.9-2.3x faster per training step than W_out then W_U; at
+    p 113 it saves only 10% of the multiplies and measured 0.82x (benchmarks/grokking.py, same
+    process, load ~11), so W_out then W_U there. (Gathering the value-output products
+    [.., head, d_model] instead of the values, one-hot matmuls instead of gathers, and folding
+    W_O into W_in and W_U measured 1.3x, 1.2x and 1.2x slower.)"""
     if cfg.n_layers != 1 or cfg.normalization_type is not None or cfg.attn_only:
         raise ValueError("last_position_logits computes a one-layer model with an MLP and no norm "
                          f"(n_layers=1, normalization_type=None, attn_only=False); got n_layers="
@@ -206,7 +207,9 @@ def last_position_logits(params: dict, cfg: TransformerConfig, tokens: Int[Array
     resid = x_tab[tokens[:, -1], n_pos - 1] + attn_out  # the residual at the last position
     pre = resid @ mlp["W_in"] + mlp["b_in"][None]  # [batch, d_mlp]
     W_U = params["unembed"]["W_U"]
-    if not via_W_L:  # as the model computes it (the benchmark's reference for the old step)
+    if via_W_L is None:
+        via_W_L = 2 * W_U.shape[1] <= d_model
+    if not via_W_L:  # as the model computes it
         return (resid + activation(pre, cfg.act_fn) @ mlp["W_out"] + mlp["b_out"][None]) @ W_U \
             + params["unembed"]["b_U"][None]
     # (resid + act @ W_out + b_out) @ W_U, reassociated: act @ (W_out @ W_U) multiplies by
