@@ -52,6 +52,14 @@ def test_model_config_is_the_papers():
     assert not frozen["blocks"][0]["mlp"]["b_in"] and not frozen["embed"]["W_E"]
 
 
+def test_paper_config_is_the_published_setup():
+    """--paper is Nanda et al.'s setup whatever the (fast) defaults are."""
+    tc = g.GrokkingConfig.paper()
+    assert (tc.p, tc.train_fraction, tc.lr, tc.weight_decay) == (113, 0.3, 1e-3, 1.0)
+    assert (tc.beta1, tc.beta2, tc.warmup_steps) == (0.9, 0.98, 10)
+    assert (tc.d_model, tc.n_heads, tc.d_mlp) == (128, 4, 512)
+
+
 def _random_params(cfg, seed):
     """The paper's init with every bias made non-zero, so the lean path's biases are exercised."""
     params = g.init_paper_params(cfg, seed)

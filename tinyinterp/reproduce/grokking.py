@@ -104,8 +104,8 @@ class GrokkingConfig:
     def paper(cls, **changes) -> GrokkingConfig:
         """Nanda et al. 2023: p 113, lr 1e-3, weight decay 1, betas (0.9, 0.98), 10 warm-up steps,
         30% train, full batch (they train 40k epochs; we stop after grokking and cleanup)."""
-        return cls(**{"p": 113, "weight_decay": 1.0, "max_steps": 20_000, "eval_every": 50,
-                      "snapshot_every": 500, **changes})
+        return cls(**{"p": 113, "train_fraction": 0.3, "weight_decay": 1.0, "max_steps": 20_000,
+                      "eval_every": 50, "snapshot_every": 500, **changes})
 
     def replace(self, **changes) -> GrokkingConfig:
         return dataclasses.replace(self, **changes)
