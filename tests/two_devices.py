@@ -68,12 +68,13 @@ def _max_diff(a, b) -> float:
 
 @check
 def grad_inside_shard_map():
-    """Issue 23 item 2: jax.grad inside shard_map (check_vma=True, the default) through every
-    kernel route gives the XLA path's gradients."""
+    """Issue 23 item 2: jax.grad inside shard_map (check_vma=True, the default) gives the XLA
+    path's gradients, through the packed attention kernels (the fused sublayer's gradient) and
+    through the q/k/v, attention and output kernels (a cache of q and of the head results)."""
     mesh = _mesh(AxisType.Explicit)
     params, tokens = _params_tokens()
     tokens = jax.device_put(tokens, NamedSharding(mesh, P("d")))
-    for names in ROUTES:
+    for names in ROUTES[::2]:
         got, want = (jax.jit(jax.shard_map(jax.grad(_loss(names, b)), mesh=mesh,
                                            in_specs=(P(), P("d")), out_specs=P()))(params, tokens)
                      for b in ("numba", "xla"))
