@@ -173,8 +173,8 @@ def last_position_logits(params: dict, cfg: TransformerConfig, tokens: Int[Array
     columns, not W_out's d_model = 128 and then W_U: the same sum, reassociated).
     ``via_W_L``: None (default) picks W_L when d_vocab_out <= d_model / 2, where it saves most of
     that matmul's work: at p 43, 1.9-2.3x faster per training step than W_out then W_U; at
-    p 113 it saves only 10% of the multiplies and measured 0.82x (benchmarks/grokking.py, same
-    process, load ~11), so W_out then W_U there. (Gathering the value-output products
+    p 113 it saves only 10% of the multiplies and measured the same (59.5 against 60.0 ms at
+    load ~4.5; benchmarks/grokking.py, same process), so W_out then W_U there. (Gathering the value-output products
     [.., head, d_model] instead of the values, one-hot matmuls instead of gathers, and folding
     W_O into W_in and W_U measured 1.3x, 1.2x and 1.2x slower.)"""
     if cfg.n_layers != 1 or cfg.normalization_type is not None or cfg.attn_only:
