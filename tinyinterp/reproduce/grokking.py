@@ -174,9 +174,9 @@ def last_position_logits(params: dict, cfg: TransformerConfig, tokens: Int[Array
     ``via_W_L``: None (default) picks W_L when d_vocab_out <= d_model / 2, where it saves most of
     that matmul's work: at p 43, 1.9-2.3x faster per training step than W_out then W_U; at
     p 113 it saves only 10% of the multiplies and measured the same (59.5 against 60.0 ms at
-    load ~4.5; benchmarks/grokking.py, same process), so W_out then W_U there. (Gathering the value-output products
-    [.., head, d_model] instead of the values, one-hot matmuls instead of gathers, and folding
-    W_O into W_in and W_U measured 1.3x, 1.2x and 1.2x slower.)"""
+    load ~4.5; benchmarks/grokking.py, same process), so W_out then W_U there. (Gathering the
+    value-output products [.., head, d_model] instead of the values, one-hot matmuls instead of
+    gathers, and folding W_O into W_in and W_U measured 1.3x, 1.2x and 1.2x slower.)"""
     if cfg.n_layers != 1 or cfg.normalization_type is not None or cfg.attn_only:
         raise ValueError("last_position_logits computes a one-layer model with an MLP and no norm "
                          f"(n_layers=1, normalization_type=None, attn_only=False); got n_layers="
