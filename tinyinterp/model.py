@@ -1,5 +1,4 @@
 """The transformer, top to bottom: embed, norms, attention, mlp, block, unembed, forward, loss, model.
-
 This file is the specification: plain jnp, written for reading. Axis vocabulary: batch, pos
 (query_pos, key_pos), head_index (h), d_model (m), d_head (d), d_mlp, d_vocab.
 
@@ -36,6 +35,7 @@ from tinyinterp.hooks import (
 )
 from tinyinterp.inputs import check_return_type, check_tokens, layer_range
 from tinyinterp.params import Params, check_params, count_params, init_params
+from tinyinterp.sweeps import rows
 
 
 # ----------------------------------------------------------------------------- embed
@@ -49,15 +49,6 @@ def embed(params: Params, tokens: Int[Array, "batch pos"], cfg: TransformerConfi
     W_pos = params["pos_embed"]["W_pos"][: tokens.shape[1]]  # [pos, d_model]
     pos = hp("hook_pos_embed", jnp.broadcast_to(W_pos[None], tok.shape))
     return tok + pos
-
-
-def rows(table: Float[Array, "n d"], index: Int[Array, "*idx"]) -> Float[Array, "*idx d"]:
-    """table[index], split over devices as ``index`` is: on a mesh with Explicit axes (what
-    ``jax.make_mesh`` makes) a gather must say its output's sharding, or it does not trace."""
-    sharding = jax.typeof(index).sharding
-    if sharding.mesh.empty or not sharding.mesh.explicit_axes:
-        return table[index]
-    return table.at[index].get(out_sharding=sharding.update(spec=(*sharding.spec, None)))
 
 
 # ----------------------------------------------------------------------------- norms

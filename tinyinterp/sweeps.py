@@ -35,6 +35,16 @@ SWEEP_AXIS = "sweep"
 Devices = int | Mesh | Sequence[Any] | None
 
 
+def rows(table: jax.Array, index: jax.Array) -> jax.Array:
+    """table[index] ([n, d] rows at int ids [*idx] -> [*idx, d]), split over devices as ``index``
+    is: on a mesh with Explicit axes (what ``jax.make_mesh`` makes) a gather must say its output's
+    sharding, or it does not trace. Off a mesh it is ``table[index]``."""
+    sharding = jax.typeof(index).sharding
+    if sharding.mesh.empty or not sharding.mesh.explicit_axes:
+        return table[index]
+    return table.at[index].get(out_sharding=sharding.update(spec=(*sharding.spec, None)))
+
+
 def sweep_mesh(devices: Devices) -> Mesh | None:
     """The mesh a sweep is split over, or None for one device (the unchanged default path)."""
     if devices is None or isinstance(devices, Mesh):
