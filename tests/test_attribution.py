@@ -87,6 +87,10 @@ def test_bad_input_gets_clear_errors():
         A.integrated_gradients(model, tokens, m, baseline=jnp.zeros((3, 1, 2), jnp.float32))
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         A.integrated_gradients(model, tokens, m, steps=0)
+    n_pos = tokens.shape[1]
+    for bad in (n_pos, -n_pos - 1):  # JAX would clamp (whole model) or wrap (one position)
+        with pytest.raises(ValueError, match="outside the"):
+            A.gradient_x_input(model, tokens, _metric(model, tokens, pos=bad))
     with pytest.raises(ValueError, match="allowed: riemann_left"):
         A.integrated_gradients(model, tokens, m, method="simpson")
     with pytest.raises(ValueError, match="needs steps >= 2"):

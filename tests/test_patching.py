@@ -370,6 +370,10 @@ def test_bad_input_errors():
         P.activation_patch(model, tokens[:, :4], cache, loss_metric, "blocks.0.hook_resid_pre")
     with pytest.raises(ValueError, match="one value per example"):
         P.get_act_patch_resid_pre(model, tokens, cache, lambda lg, t: lg[:, -1, 0].mean())
+    from tinyinterp import attribution as A
+
+    with pytest.raises(ValueError, match="outside the 5 positions"):
+        P.get_act_patch_resid_pre(model, tokens, cache, A.logit(0, pos=5))
     with pytest.raises(KeyError, match="source_cache has no"):
         P.activation_patch(model, tokens, {}, loss_metric, "blocks.0.hook_resid_pre")
     with pytest.raises(ValueError, match="attn_only"):

@@ -619,8 +619,19 @@ def _gradient_method(model, tokens, metric_dyn, metric_static, names, method):
     return values, parts, m
 
 
-def _split_metric(metric, model=None, n_batch=None):
+def check_metric_position(metric, n_pos: int) -> None:
+    """A built-in metric's position must lie in [-n_pos, n_pos) of the run it scores (JAX would
+    silently clamp an index past the end)."""
+    pos = getattr(metric, "pos", None) if isinstance(metric, Metric) else None
+    if isinstance(pos, (int, np.integer)) and not -n_pos <= int(pos) < n_pos:
+        raise ValueError(f"metric position {int(pos)} is outside the {n_pos} positions of the "
+                         f"tokens (allowed: {-n_pos} .. {n_pos - 1})")
+
+
+def _split_metric(metric, model=None, n_batch=None, n_pos=None):
     _check_metric(metric)
+    if n_pos is not None:
+        check_metric_position(metric, n_pos)
     if isinstance(metric, Metric) and model is not None:  # ids checked while they are concrete
         for what, ids in (("correct", metric.correct), ("wrong", metric.wrong)):
             if ids is not None:
@@ -646,7 +657,7 @@ def saliency(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *, at: st
     map). Why: the first-order sensitivity of f, one backward pass."""
     tokens = _tokens(model, tokens)
     names = _resolve_target(model, at)
-    dyn, static = _split_metric(metric, model, tokens.shape[0])
+    dyn, static = _split_metric(metric, model, tokens.shape[0], tokens.shape[1])
     values, parts, m = _gradient_method(model, tokens, dyn, static, names, "saliency")
     return _result("saliency", model, tokens, names, values, parts, m, {"at": names})
 
@@ -660,7 +671,7 @@ def gradient_x_input(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *
     hook_pos_embed's parts summed, each in ``parts``)."""
     tokens = _tokens(model, tokens)
     names = _resolve_target(model, at)
-    dyn, static = _split_metric(metric, model, tokens.shape[0])
+    dyn, static = _split_metric(metric, model, tokens.shape[0], tokens.shape[1])
     values, parts, m = _gradient_method(model, tokens, dyn, static, names, "gradient_x_input")
     return _result("gradient_x_input", model, tokens, names, values, parts, m, {"at": names})
 
@@ -807,7 +818,7 @@ def integrated_gradients(model, tokens: Int[Array, "batch pos"], metric: MetricF
     steps = _check_steps(steps)
     integration_points(steps, method)  # validates method and steps together
     names = _resolve_target(model, at)
-    dyn, static = _split_metric(metric, model, tokens.shape[0])
+    dyn, static = _split_metric(metric, model, tokens.shape[0], tokens.shape[1])
     x = _clean(model, tokens, names)
     base = _baseline(model, tokens, names, x, baseline)
     chunk = _chunk(steps, tokens.shape[0], model.cfg, tokens.shape[1], chunk_size)
@@ -901,7 +912,7 @@ def occlusion(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *, windo
     # window that cannot change the metric gives exactly 0
     variants = jnp.where(jnp.asarray(mask)[:, None, :], b[None], tokens[None])  # [n, batch, pos]
     variants = jnp.concatenate([tokens[None], variants])
-    dyn, static = _split_metric(metric, model, tokens.shape[0])
+    dyn, static = _split_metric(metric, model, tokens.shape[0], tokens.shape[1])
     chunk = _chunk(len(starts) + 1, n_batch, model.cfg, n_pos, chunk_size)
     f_all = _variants_on(model, tokens, variants, dyn, static, chunk, None, devices)
     f_x, f_v = f_all[0], f_all[1:]  # [batch], [n, batch]
@@ -949,7 +960,7 @@ def feature_ablation(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *
         masks[(g, *sl)] = True
     variants = jnp.where(jnp.asarray(masks)[:, None], base[None], x[None])  # [n, batch, ...]
     variants = jnp.concatenate([x[None], variants])  # variant 0: x itself (as in occlusion)
-    dyn, static = _split_metric(metric, model, tokens.shape[0])
+    dyn, static = _split_metric(metric, model, tokens.shape[0], tokens.shape[1])
     chunk = _chunk(n + 1, tokens.shape[0], model.cfg, tokens.shape[1], chunk_size)
     f_all = _variants_on(model, tokens, variants, dyn, static, chunk, name, devices)
     f_x, f_v = f_all[0], f_all[1:]
@@ -1174,7 +1185,7 @@ def lrp(model, tokens: Int[Array, "batch pos"], metric: MetricFn, *, rule: str =
         raise ValueError("rule='conservative' is LRP-0 (gradient x input with the pattern, scales "
                          "and gates held constant); epsilon applies to rule='attnlrp'")
     names = _resolve_target(model, at)
-    dyn, static = _split_metric(metric, model, tokens.shape[0])
+    dyn, static = _split_metric(metric, model, tokens.shape[0], tokens.shape[1])
     values, parts, m, bias_rel, err = _lrp(model, tokens, dyn, static, names, rule, float(epsilon))
     return _result(f"lrp_{rule}", model, tokens, names, values, parts, m,
                    {"at": names, "rule": rule, "epsilon": float(epsilon)},

@@ -51,7 +51,7 @@ import numpy as np
 from jaxtyping import Array, Int
 
 from tinyinterp import sweeps
-from tinyinterp.attribution import logits_for_metric
+from tinyinterp.attribution import check_metric_position, logits_for_metric
 from tinyinterp.config import TransformerConfig
 from tinyinterp.hooks import get_act_name, hook_names, unknown_hook_error
 from tinyinterp.model import HookedTransformer, check_tokens, forward, forward_with_cache
@@ -235,6 +235,7 @@ def check_metric(metric: Metric, logits_shape: tuple[int, ...], tokens: jax.Arra
     abstractly (no computation) before a sweep compiles."""
     if not callable(metric):
         raise TypeError(f"metric must be a callable fn(logits, tokens) -> [batch], got {metric!r}")
+    check_metric_position(metric, logits_shape[1])
     try:
         out = jax.eval_shape(metric, jax.ShapeDtypeStruct(logits_shape, jnp.float32),
                              jax.ShapeDtypeStruct(tokens.shape, tokens.dtype))
