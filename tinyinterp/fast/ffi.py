@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import re
 import threading
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -129,13 +129,10 @@ def call(target: str, out, *, vmap_method: str = "broadcast_all"):
         return jax.ffi.ffi_call(target, typed, vmap_method=vmap_method)(*args, **attrs, **kwargs)
 
     return lambda *args, **kwargs: batch_local(functools.partial(local, **kwargs), args, out,
-                                               batched, target)
+                                               batched)
 
 
-_warned_replicated: set[str] = set()
-
-
-def batch_local(fn, args: tuple, out, batched: tuple[int, ...] | None, name: str):
+def batch_local(fn, args: tuple, out, batched: tuple[int, ...] | None):
     """``fn(out, *args)`` (``out``: the results' ShapeDtypeStructs), run by ``jax.shard_map``
     on each device's part of the batch when the arguments live on a mesh whose non-manual axes
     span several devices (plain ``jax.jit`` of sharded inputs). XLA cannot partition a custom
@@ -145,42 +142,52 @@ def batch_local(fn, args: tuple, out, batched: tuple[int, ...] | None, name: str
     Which mesh axes split the batch: on an Explicit mesh, those the batch arguments are already
     split over (none: the data is replicated and so is the work, as for jnp); on an Auto mesh,
     every axis (XLA moves the data to match, as it would for any op it partitions). A batch the
-    devices do not divide runs whole on each device, with one warning per kernel."""
+    devices do not divide is padded to a multiple of their count by repeating its last row, and
+    the padding's rows are cut from the results: every row of a kernel is computed on its own
+    (its other arguments are weights, whole on every device), so the padding changes no value.
+    XLA moves rows between the devices to pad, so the model does not come here with such a
+    batch: its plan takes the XLA path instead (``fast.sublayer.uneven_split``)."""
     batched = range(len(args)) if batched is None else batched
     lead = [args[i] for i in batched]
-    meshes = [jax.typeof(a).sharding.mesh for a in lead]
-    mesh = next((m for m in meshes if not m.empty), None)
-    if mesh is None or mesh.size == 1:
-        return fn(out, *args)
-    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
-    explicit = {n for a in lead for n in _leading_axes(jax.typeof(a).sharding.spec)
-                if types[n] == jax.sharding.AxisType.Explicit}
-    axes = tuple(n for n in mesh.axis_names if mesh.shape[n] > 1 and (
-        n in explicit or types[n] == jax.sharding.AxisType.Auto))
+    mesh, axes = batch_axes(*lead)
     if not axes:
         return fn(out, *args)
-    n_dev = 1
-    for n in axes:
-        n_dev *= mesh.shape[n]
-    if any(jnp.shape(a)[0] % n_dev for a in lead):
-        if name not in _warned_replicated:
-            _warned_replicated.add(name)
-            warnings.warn(
-                f"tinyinterp: the Numba kernel {name} gets a batch of {jnp.shape(lead[0])[0]} on "
-                f"mesh axes {axes} ({n_dev} devices), which do not divide it: every device runs "
-                "the whole batch. Use a batch the devices divide, or attention_backend='xla'.",
-                RuntimeWarning, stacklevel=3)
-        return fn(out, *args)
+    n_dev = math.prod(mesh.shape[n] for n in axes)
+    size = jnp.shape(lead[0])[0]
+    extra = -size % n_dev
+    if extra:
+        args = tuple(_pad_rows(a, extra) if i in batched else a for i, a in enumerate(args))
     batch = jax.sharding.PartitionSpec(axes)
     whole = jax.sharding.PartitionSpec()
     in_specs = tuple(batch if i in batched else whole for i in range(len(args)))
     out_specs = (tuple(batch for _ in out) if isinstance(out, (tuple, list)) else batch)
     def part(s):  # a result's per-device shape
-        return jax.ShapeDtypeStruct((s.shape[0] // n_dev, *s.shape[1:]), s.dtype)
+        return jax.ShapeDtypeStruct(((s.shape[0] + extra) // n_dev, *s.shape[1:]), s.dtype)
 
     local_out = tuple(map(part, out)) if isinstance(out, (tuple, list)) else part(out)
-    return jax.shard_map(functools.partial(fn, local_out), mesh=mesh, in_specs=in_specs,
-                         out_specs=out_specs, axis_names=frozenset(axes))(*args)
+    result = jax.shard_map(functools.partial(fn, local_out), mesh=mesh, in_specs=in_specs,
+                           out_specs=out_specs, axis_names=frozenset(axes))(*args)
+    return jax.tree.map(lambda r: r[:size], result) if extra else result
+
+
+def _pad_rows(a: jax.Array, extra: int) -> jax.Array:
+    """``a`` with its last row repeated ``extra`` more times (rows a kernel computes and the
+    caller drops: copies of a real row, so never a value the kernel could not take)."""
+    return jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)])
+
+
+def batch_axes(*xs: jax.Array) -> tuple:
+    """(the mesh, the axes of it) that ``batch_local`` splits the leading (batch) axis of ``xs``
+    over: () when the arrays are on no mesh of several devices, or on an Explicit mesh that
+    does not split their batch. ``math.prod`` of the axes' sizes is the device count."""
+    mesh = next((m for m in (jax.typeof(x).sharding.mesh for x in xs) if not m.empty), None)
+    if mesh is None or mesh.size == 1:
+        return None, ()
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    explicit = {n for x in xs for n in _leading_axes(jax.typeof(x).sharding.spec)
+                if types[n] == jax.sharding.AxisType.Explicit}
+    return mesh, tuple(n for n in mesh.axis_names if mesh.shape[n] > 1 and (
+        n in explicit or types[n] == jax.sharding.AxisType.Auto))
 
 
 def _leading_axes(spec) -> tuple:

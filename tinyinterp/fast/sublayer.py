@@ -10,6 +10,7 @@ guarantees), so a hook or a cache sees the same values.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -19,6 +20,7 @@ from jaxtyping import Array, Float
 from tinyinterp import model as spec
 from tinyinterp.config import TransformerConfig
 from tinyinterp.fast import attention as kernels
+from tinyinterp.fast import ffi
 from tinyinterp.fast.plan import FUSED, PLAIN, Plan, plan_sublayer
 from tinyinterp.hooks import HookContext
 
@@ -40,6 +42,8 @@ def attention_sublayer(plain: Callable, p: dict, resid: Float[Array, "batch pos 
     _check_attention_params(p, cfg, layer)
     if plan is None:
         plan = plan_sublayer(backend, cfg, hp, layer, resid.shape, resid.dtype)
+        if plan != PLAIN and uneven_split(resid):
+            plan = PLAIN
     if plan == PLAIN:
         return plain(p, resid, layer, cfg, hp)
     if plan == FUSED:  # its gradients: those of the plan the sublayer would run unfused
@@ -50,6 +54,28 @@ def attention_sublayer(plain: Callable, p: dict, resid: Float[Array, "batch pos 
             lambda p, x: attention_sublayer(plain, p, x, layer, cfg, HookContext(), backend,
                                             unfused))(p, resid)
     return _kernels(plan, p, resid, layer, cfg, hp)
+
+
+_warned_uneven = False
+
+
+def uneven_split(resid: jax.Array) -> bool:
+    """Whether ``resid``'s batch lives on several devices that do not divide it (plain
+    ``jax.jit`` on a mesh, issue 23): the kernels would need padded rows moved between the
+    devices (``ffi.batch_local``), so the sublayer takes the XLA path, which XLA partitions
+    itself. Warns once per process."""
+    global _warned_uneven
+    mesh, axes = ffi.batch_axes(resid)
+    n_dev = math.prod(mesh.shape[n] for n in axes) if axes else 1
+    if resid.shape[0] % n_dev == 0:
+        return False
+    if not _warned_uneven:
+        _warned_uneven = True
+        warnings.warn(f"tinyinterp: a batch of {resid.shape[0]} on {n_dev} devices (mesh axes "
+                      f"{axes}), which do not divide it: the attention takes the XLA path, not "
+                      "the Numba kernels (they run on equal per-device shares). Use a batch the "
+                      "devices divide to run them.", RuntimeWarning, stacklevel=2)
+    return True
 
 
 def _check_attention_params(p: dict, cfg: TransformerConfig, layer: int) -> None:
