@@ -807,7 +807,7 @@ def _attribution(grad: jax.Array, target: jax.Array, source: jax.Array, axes: tu
 def attribution_patch(model: HookedTransformer, tokens: Int[Array, "batch pos"],
                       source_cache: Mapping, metric: Metric, family: str | None = None, *,
                       hook: str | None = None, over: Sequence[str] = (),
-                      reduce: str | None = "mean") -> PatchResult:
+                      reduce: str | None = "mean", devices: sweeps.Devices = None) -> PatchResult:
     """Attribution patching: the first-order estimate of every patch of an activation-patching
     sweep from one forward and one backward pass (Nanda 2023; Syed et al. 2023).
 
@@ -815,7 +815,12 @@ def attribution_patch(model: HookedTransformer, tokens: Int[Array, "batch pos"],
     with the gradient taken in the target run. Either ``family`` (a key of ``FAMILIES``:
     "resid_pre", "attn_head_out_by_pos", ...; same shape and labels as ``get_act_patch_<family>``)
     or ``hook`` + ``over`` (same as ``activation_patch(..., hook, over=over)``). Exact where the
-    metric is linear in the patched activation; compare with activation patching elsewhere."""
+    metric is linear in the patched activation; compare with activation patching elsewhere.
+
+    ``devices`` (a count, a Mesh or a list of devices): there is no sweep to split (every patch
+    comes from the one gradient), so the batch of examples is: the forward and backward run
+    under ``jax.jit`` with the tokens split over the devices and XLA partitioning the program
+    (the Numba kernels on each device's share). The devices must divide the batch."""
     model = _check_model(model)
     cfg = model.cfg
     tokens = check_tokens(tokens, cfg)
@@ -833,8 +838,17 @@ def attribution_patch(model: HookedTransformer, tokens: Int[Array, "batch pos"],
     check_metric(metric, shapes["logits"], tokens)
     sources = [_source_activation(source_cache, n, shapes[n]) for n in names]
     leaves, static = _split_metric(metric)
-    m, cache, grads = _grads_program(model.params, tokens, leaves, cfg=cfg, metric_static=static,
-                                     names=frozenset(names))
+    args = (model.params, tokens, leaves)
+    mesh = sweeps.sweep_mesh(devices)
+    if mesh is not None:
+        if tokens.shape[0] % mesh.size:
+            raise ValueError(f"attribution_patch splits the batch of examples over the devices: "
+                             f"a batch of {tokens.shape[0]} on {mesh.size} devices; give a batch "
+                             "they divide (or devices=None)")
+        args = tuple(sweeps.put(a, mesh, ax) for a, ax in zip(args, (None, 0, None), strict=True))
+    m, cache, grads = _grads_program(*args, cfg=cfg, metric_static=static, names=frozenset(names))
+    if mesh is not None:
+        m, cache, grads = jax.tree_util.tree_map(jnp.asarray, sweeps.fetch((m, cache, grads)))
     base = np.asarray(m)  # [batch]
     per = [_attribution(grads[n], cache[n], s, hook_axes(n), swept) + base
            for n, s in zip(names, sources, strict=True)]
@@ -982,7 +996,7 @@ def _path_program(params, tokens, z_source, sender_masks, qkv_masks, metric_leav
 
 def path_patch(model: HookedTransformer, tokens: Int[Array, "batch pos"], source_cache: Mapping,
                metric: Metric, receivers, senders=None, *, reduce: str | None = "mean",
-               chunk_size: int | None = None) -> PatchResult:
+               chunk_size: int | None = None, devices: sweeps.Devices = None) -> PatchResult:
     """Path patching: the effect on the metric of sender heads' source-run outputs through the
     receivers only (Wang et al. 2022; Goldowsky-Dill et al. 2023).
 
@@ -997,7 +1011,8 @@ def path_patch(model: HookedTransformer, tokens: Int[Array, "batch pos"], source
 
     ``senders``: heads ``[(layer, head), ...]`` patched together (one value), or None: every head
     on its own, one compiled program, result axes ("layer", "head") as in IOI's figures.
-    ``source_cache`` needs every layer's ``attn.hook_z``."""
+    ``source_cache`` needs every layer's ``attn.hook_z``. ``devices`` (a count, a Mesh or a list
+    of devices): the sender sets split over several devices or hosts (``tinyinterp.sweeps``)."""
     model = _check_model(model)
     cfg = model.cfg
     tokens = check_tokens(tokens, cfg)
@@ -1020,10 +1035,15 @@ def path_patch(model: HookedTransformer, tokens: Int[Array, "batch pos"], source
     if chunk_size is None:
         chunk_size = _auto_chunk(cfg, int(tokens.shape[0]), int(tokens.shape[1]), masks.shape[0])
     leaves, static = _split_metric(metric)
-    baseline, vals = _path_program(model.params, tokens, z_src, jnp.asarray(masks), qkv_masks,
-                                   leaves, cfg=cfg, metric_static=static, qkv_layers=layers,
-                                   mlps=tuple(sorted(mlps)), logits=logits,
-                                   chunk_size=int(chunk_size))
+    statics = dict(cfg=cfg, metric_static=static, qkv_layers=layers, mlps=tuple(sorted(mlps)),
+                   logits=logits, chunk_size=int(chunk_size))
+    args = (model.params, tokens, z_src, jnp.asarray(masks), qkv_masks, leaves)
+    if sweeps.sweep_mesh(devices) is None:
+        baseline, vals = _path_program(*args, **statics)
+    else:  # the sender sets split over the devices; the target run on each
+        baseline, vals = sweeps.map_sweep(
+            functools.partial(_path_program, **statics), args, (None, None, None, 0, None, None),
+            devices, (None, 0), key=("path_patch", *statics.items()))
     vals = np.asarray(vals)
     settings = {"receivers": list(receivers) if not isinstance(receivers, str) else [receivers],
                 "senders": None if senders is None else list(senders), "reduce": reduce}

@@ -180,8 +180,9 @@ def map_sweep(fn: Callable, args: tuple, in_axes: Any, devices: Devices, out_axe
     """``fn(*args)`` for a program vmapped over a sweep axis, split over ``devices``: padded,
     placed, run and fetched back (cut to the sweep's length). One device: ``jax.jit(fn)(*args)``
     exactly. The sweep axis of the arguments is ``in_axes`` (as vmap's); of the results,
-    ``out_axes``. ``key``: as ``compile_sweep``'s (name every static setting ``fn`` closes
-    over, or leave None to compile per call)."""
+    ``out_axes`` (None: a result every device computes whole, e.g. an unpatched run's metric).
+    ``key``: as ``compile_sweep``'s (name every static setting ``fn`` closes over, or leave
+    None to compile per call)."""
     mesh = sweep_mesh(devices)
     if mesh is None:
         return compile_sweep(fn, None, in_axes, out_axes, key=key)(*args)
@@ -196,8 +197,8 @@ def map_sweep(fn: Callable, args: tuple, in_axes: Any, devices: Devices, out_axe
     out = compile_sweep(fn, mesh, tuple(axes), out_axes, key=key)(*placed)
     if isinstance(out_axes, int):
         return fetch(out, n, out_axes)
-    return jax.tree.map(lambda a, o: fetch(o, n, a), out_axes, out,
-                        is_leaf=lambda a: isinstance(a, int))
+    return jax.tree.map(lambda a, o: fetch(o) if a is None else fetch(o, n, a), out_axes, out,
+                        is_leaf=lambda a: a is None or isinstance(a, int))
 
 
 # ----------------------------------------------------------------------------- several processes
