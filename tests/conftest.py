@@ -5,7 +5,17 @@ import gc
 import os
 import sys
 
-from jaxtyping import install_import_hook
+# Issue 23: every run of the suite is a two-device run. Two host CPU devices are forced before JAX
+# starts (the device count is fixed when its CPU backend starts), unless the user's XLA_FLAGS
+# already set a count; computations without a mesh still run on the first device, as before, and
+# tests/test_sweeps.py splits its sweeps over both. (TINYINTERP_FORCED_DEVICES tells the tests that
+# two devices were asked for here, so their absence is a failure rather than a skip.)
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=2").strip()
+    os.environ["TINYINTERP_FORCED_DEVICES"] = "2"
+
+from jaxtyping import install_import_hook  # noqa: E402
 
 # `python -m pytest` puts the repository root on sys.path, where the top-level kernels/ folder
 # would shadow any installed package named "kernels" (Hugging Face's, which transformers imports
