@@ -170,13 +170,13 @@ def batch_local(fn, args: tuple, out, batched: tuple[int, ...] | None):
     return jax.tree.map(lambda r: r[:size], result) if extra else result
 
 
-def _pad_rows(a: jax.Array, extra: int) -> jax.Array:
+def _pad_rows(a, extra: int):
     """``a`` with its last row repeated ``extra`` more times (rows a kernel computes and the
     caller drops: copies of a real row, so never a value the kernel could not take)."""
     return jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)])
 
 
-def batch_axes(*xs: jax.Array) -> tuple:
+def batch_axes(*xs) -> tuple:
     """(the mesh, the axes of it) that ``batch_local`` splits the leading (batch) axis of ``xs``
     over: () when the arrays are on no mesh of several devices, or on an Explicit mesh that
     does not split their batch. ``math.prod`` of the axes' sizes is the device count."""
