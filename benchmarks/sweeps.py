@@ -4,10 +4,10 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python benchmarks/sweeps.py --repeats 5
 
 For each sweep entry point (multi-seed training, superposition instances, an SAE sweep,
-integrated gradients, occlusion, a patching sweep) the same call runs with ``devices=None`` (one
-device: the program as before) and ``devices=jax.local_device_count()``, each compiled first and
-then timed ``--repeats`` times alternately; prints medians and the ratio one/all (above 1: the
-devices help).
+integrated gradients, occlusion, a patching sweep, path patching, attribution patching: its batch
+of examples) the same call runs with ``devices=None`` (one device: the program as before) and
+``devices=jax.local_device_count()``, each compiled first and then timed ``--repeats`` times
+alternately; prints medians and the ratio one/all (above 1: the devices help).
 
 What the ratio means depends on the devices. Forced CPU devices
 (--xla_force_host_platform_device_count) are not cores: they share the process's one XLA:CPU
@@ -84,6 +84,12 @@ def sweeps() -> dict:
         "patching resid_pre (64 patches)":
             lambda d: block(P.get_act_patch_resid_pre(model, corrupt, cache, metric,
                                                       devices=d).values),
+        "path patching (8 heads -> logits, q of layer 1)":
+            lambda d: block(P.path_patch(model, corrupt, cache, metric,
+                                         [("q", 1, None), "logits"], devices=d).values),
+        "attribution patching resid_pre (batch 8)":
+            lambda d: block(P.attribution_patch(model, corrupt, cache, metric, "resid_pre",
+                                                devices=d).values),
     }
 
 
