@@ -14,19 +14,22 @@ previous one (same process), the default command, and the paper's setup to 99% t
    - "lean, W_out then W_U" (the previous session's step): only the last position's query,
      attention, MLP and unembedding; keys and values looked up from per-(token, position) tables;
    - "lean, via W_L": the same, with the MLP output sent to the logits through W_L = W_out @ W_U;
-   - "lean" (the reproduction's step): via W_L where p <= d_model / 2 (the default setup), W_out
-     then W_U otherwise (the paper's p 113).
-   Printed: ms per step (median of rounds, the paths interleaved), steps/s, and each path's time
-   over "lean".
-2. The training loop, old against new, in this process: the previous chunk (the old lean step;
-   every 10 steps, the loss and accuracy of all p^2 pairs) against ``grokking._make_chunk`` (the
-   new step; the training pairs' loss and accuracy from the step's own forward pass, the test
-   pairs' every ``eval_every`` steps): steps/s of each and the ratio.
+   - "lean" (the previous step): via W_L where p <= d_model / 2 (the default setup), W_out
+     then W_U otherwise (the paper's p 113);
+   - "grouped" (the reproduction's step, ``grokking.grouped_last_position_logits``): per-token
+     tables with gather-and-sum gradients, W_O folded into W_in and W_U, W_L's gradient
+     computed transposed.
+   Printed: wall ms and CPU ms per step (medians of rounds, the paths interleaved), steps/s, and
+   each path's wall and CPU time over "grouped".
+2. The training loop in this process: the first session's chunk (the old lean step; every 10
+   steps, the loss and accuracy of all p^2 pairs) and ``grokking._make_chunk`` with the lean step
+   and with the grouped step (the training pairs' loss and accuracy from the step's own forward
+   pass, the test pairs' every ``eval_every`` steps): steps/s and CPU ms per step of each.
 3. ``tinyinterp reproduce grokking`` (default setup) end to end in a fresh process, twice (the
    second run is the "after the first run" number; XLA compiles in each process), with the
    report's own split of the time (train / analysis / figures).
 4. With --paper: ``grokking.train`` on the paper's setup until test accuracy first reaches 99%
-   (goal < 3 min), and the steps that took.
+   (goal < 3 min), the steps that took, wall and CPU seconds.
 Timings on a shared machine are noisy: the load average is printed; compare the in-process ratios.
 """
 
@@ -61,31 +64,37 @@ def _lean_W_L(params, cfg, tokens):
     return g.last_position_logits(params, cfg, tokens, via_W_L=True)
 
 
+def _grouped(params, cfg, tokens):  # tokens: the benchmark's fixed (concrete) batch
+    return g.grouped_last_position_logits(params, cfg, g.position_groups(tokens))
+
+
 PATHS = {"model (xla)": (g.model_last_position_logits, "xla"),
          "model (auto)": (g.model_last_position_logits, "auto"),
          "lean, W_out then W_U": (_old_lean, "xla"),
          "lean, via W_L": (_lean_W_L, "xla"),
-         "lean": (g.last_position_logits, "xla")}
+         "lean": (g.last_position_logits, "xla"),
+         "grouped": (_grouped, "xla")}
 
 
-def _timed(fns: dict, args: dict, rounds: int) -> dict[str, float]:
-    """Median seconds of ``fns[name](*args[name])`` over ``rounds``, after one call each that
-    compiles; the rounds interleave the functions, so a change in the machine's load falls on
-    all of them alike."""
+def _timed(fns: dict, args: dict, rounds: int) -> dict[str, tuple[float, float]]:
+    """(median wall seconds, median CPU seconds of this process) of ``fns[name](*args[name])``
+    over ``rounds``, after one call each that compiles; the rounds interleave the functions, so a
+    change in the machine's load falls on all of them alike."""
     for name, fn in fns.items():
         jax.block_until_ready(fn(*args[name]))
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(fn(*args[name]))
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    return {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
+            for name, t in times.items()}
 
 
-def step_times(tc: g.GrokkingConfig, rounds: int, steps: int = 20) -> dict[str, float]:
-    """ms per full-batch AdamW step (median over ``rounds`` compiled scans of ``steps`` steps)
-    for each of ``PATHS`` on ``tc``'s training pairs."""
+def step_times(tc: g.GrokkingConfig, rounds: int, steps: int = 20) -> dict[str, tuple]:
+    """(wall ms, CPU ms) per full-batch AdamW step (medians over ``rounds`` compiled scans of
+    ``steps`` steps) for each of ``PATHS`` on ``tc``'s training pairs."""
     data = modular_addition_split(tc.p, tc.train_fraction, tc.seed)
     tokens = jnp.asarray(data.tokens)[jnp.asarray(data.train_idx)]
     labels = jnp.asarray(data.labels)[jnp.asarray(data.train_idx)]
@@ -105,7 +114,8 @@ def step_times(tc: g.GrokkingConfig, rounds: int, steps: int = 20) -> dict[str, 
         fns[name] = jax.jit(lambda params, state, step=step: jax.lax.scan(
             step, (params, state), None, length=steps))
         args[name] = (params, opt.init(params))
-    return {name: t / steps * 1e3 for name, t in _timed(fns, args, rounds).items()}
+    return {name: (w / steps * 1e3, c / steps * 1e3)
+            for name, (w, c) in _timed(fns, args, rounds).items()}
 
 
 def _old_chunk(tc: g.GrokkingConfig, cfg, data, frozen):
@@ -148,17 +158,19 @@ def _old_chunk(tc: g.GrokkingConfig, cfg, data, frozen):
     return chunk
 
 
-def loop_ab(tc: g.GrokkingConfig, rounds: int) -> dict[str, float]:
-    """steps/s of the old and the new training chunk on ``tc`` (same params, same process)."""
+def loop_ab(tc: g.GrokkingConfig, rounds: int) -> dict[str, tuple[float, float]]:
+    """(steps/s, CPU ms per step) of the first session's training chunk and of ``_make_chunk``
+    with the lean and the grouped step, on ``tc`` (same params, same process)."""
     data = modular_addition_split(tc.p, tc.train_fraction, tc.seed)
     cfg = g.model_config(tc.p)
     params = g.init_paper_params(cfg, tc.seed)
     frozen = g.frozen_mask(params)
-    opt, new = g._make_chunk(tc, cfg, data, frozen)
-    old = _old_chunk(tc, cfg, data, frozen)
+    opt, grouped = g._make_chunk(tc.replace(step_path="grouped"), cfg, data, frozen)
+    _, lean = g._make_chunk(tc.replace(step_path="lean"), cfg, data, frozen)
     args = (params, opt.init(params))
-    t = _timed({"old": old, "new": new}, {"old": args, "new": args}, rounds)
-    return {name: tc.snapshot_every / v for name, v in t.items()}
+    fns = {"old": _old_chunk(tc, cfg, data, frozen), "lean": lean, "grouped": grouped}
+    t = _timed(fns, dict.fromkeys(fns, args), rounds)
+    return {name: (tc.snapshot_every / w, c / tc.snapshot_every * 1e3) for name, (w, c) in t.items()}
 
 
 def command_time(out_dir: str, *extra: str) -> tuple[float, int, dict]:
@@ -183,14 +195,16 @@ def main() -> None:
     for label, tc in ((f"default (p {default.p}, {default.train_fraction:.0%})", default),
                       ("paper (p 113, 30%)", g.GrokkingConfig.paper())):
         t = step_times(tc, args.rounds)
-        ref = t["lean"]
-        print(f"{label}, ms per step: " + "; ".join(
-            f"{k} {v:.2f} ({1e3 / v:.0f} steps/s, {v / ref:.2f}x lean)" for k, v in t.items()),
-            flush=True)
+        rw, rc = t["grouped"]
+        print(f"{label}, wall / CPU ms per step: " + "; ".join(
+            f"{k} {w:.2f} / {c:.2f} ({1e3 / w:.0f} steps/s; {w / rw:.2f}x / {c / rc:.2f}x grouped)"
+            for k, (w, c) in t.items()) + f" (load average {os.getloadavg()[0]:.1f})", flush=True)
         ab = loop_ab(tc, args.rounds)
-        print(f"{label}, training loop ({tc.snapshot_every}-step chunks): old {ab['old']:.1f} "
-              f"steps/s, new {ab['new']:.1f} steps/s: {ab['new'] / ab['old']:.2f}x "
-              f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+        print(f"{label}, training loop ({tc.snapshot_every}-step chunks): " + "; ".join(
+            f"{k} {s:.1f} steps/s, {c:.1f} CPU ms per step" for k, (s, c) in ab.items())
+            + f"; grouped over lean {ab['grouped'][0] / ab['lean'][0]:.2f}x steps/s, "
+              f"{ab['lean'][1] / ab['grouped'][1]:.2f}x less CPU (load average "
+              f"{os.getloadavg()[0]:.1f})", flush=True)
     if not args.no_command:
         with tempfile.TemporaryDirectory() as d:
             for i in range(2):
@@ -205,13 +219,14 @@ def main() -> None:
                       f"test 99% at {tr.get('grok_step')}; load average {os.getloadavg()[0]:.1f}",
                       flush=True)
     if args.paper:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = g.train(g.GrokkingConfig.paper(min_after_grok=0, after_grok=0.0))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         print(f"--paper setup to 99% test accuracy: step {r.grok_step}, {wall:.1f} s in "
-              f"train() (compile {r.compile_s:.1f} s included; goal < {GOAL_PAPER_S:.0f} s); "
-              f"stopped at step {r.total_steps}, {r.total_steps / (wall - r.compile_s):.1f} "
-              f"steps/s; load average {os.getloadavg()[0]:.1f}", flush=True)
+              f"train() (compile {r.compile_s:.1f} s included; goal < {GOAL_PAPER_S:.0f} s), "
+              f"{cpu:.1f} CPU-s ({cpu / r.total_steps * 1e3:.1f} CPU ms per step); stopped at "
+              f"step {r.total_steps}, {r.total_steps / (wall - r.compile_s):.1f} steps/s; load "
+              f"average {os.getloadavg()[0]:.1f}", flush=True)
         assert np.isfinite(r.test_loss[-1])
 
 

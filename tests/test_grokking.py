@@ -70,8 +70,18 @@ def _random_params(cfg, seed):
     return jax.tree_util.tree_unflatten(tree, noisy)
 
 
+def _assert_trees_close(a, b):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b),
+                            strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5, rtol=1e-4,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.mark.parametrize("backend", ["xla", "auto"])
-def test_lean_step_is_the_models_loss_and_gradient(backend):
+def test_lean_and_grouped_steps_are_the_models_loss_and_gradient(backend):
+    """Both training steps (lean; grouped: per-token tables, each lookup's gradient by gathers
+    and sums) are the model's logits, loss and gradient: on the task's pairs (one "=" for every
+    row: its tables broadcast) and, for the grouped step, on random tokens at every position."""
     p = 13
     cfg = g.model_config(p, d_model=32, n_heads=4, d_mlp=64).replace(attention_backend=backend)
     data = modular_addition_split(p, 0.4, seed=1)
@@ -84,22 +94,38 @@ def test_lean_step_is_the_models_loss_and_gradient(backend):
     for via_W_L in (True, False):
         other = g.last_position_logits(params, cfg, tokens, via_W_L=via_W_L)
         np.testing.assert_allclose(np.asarray(other), np.asarray(ref), atol=2e-5, rtol=1e-5)
+    grouped = g.grouped_last_position_logits(params, cfg, g.position_groups(tokens))
+    np.testing.assert_allclose(np.asarray(grouped), np.asarray(ref), atol=2e-5, rtol=1e-5)
     tr = jnp.asarray(data.train_idx)
     labels = jnp.asarray(data.labels)[tr]
 
     def lean_loss(pr):
         return fourier.cross_entropy(g.last_position_logits(pr, cfg, tokens[tr]), labels)
 
-    def model_loss(pr):  # the whole model on the full sequence, its last position
-        return fourier.cross_entropy(forward(pr, cfg, tokens[tr])[:, -1], labels)
+    def grouped_loss(pr, groups):
+        return fourier.cross_entropy(g.grouped_last_position_logits(pr, cfg, groups), labels)
 
+    def model_loss(pr, toks):  # the whole model on the full sequence, its last position
+        return fourier.cross_entropy(forward(pr, cfg, toks)[:, -1], labels)
+
+    model_vg = jax.jit(jax.value_and_grad(model_loss))
     l1, g1 = jax.jit(jax.value_and_grad(lean_loss))(params)
-    l2, g2 = jax.jit(jax.value_and_grad(model_loss))(params)
+    l2, g2 = model_vg(params, tokens[tr])
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree_util.tree_leaves(g2),
-                            strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4,
-                                   err_msg=jax.tree_util.keystr(path))
+    _assert_trees_close(g1, g2)
+    if backend != "xla":
+        return  # the grouped step does not use the attention backend: checked once
+    rng = np.random.default_rng(3)
+    # random tokens, repeats included, the same shape as the pairs (no new model program)
+    random_tokens = jnp.asarray(rng.integers(0, p + 1, tokens[tr].shape).astype(np.int32))
+    for toks, (lm, gm) in ((tokens[tr], (l2, g2)), (random_tokens, model_vg(params, random_tokens))):
+        lg, gg = jax.jit(jax.value_and_grad(grouped_loss))(params, g.position_groups(toks))
+        np.testing.assert_allclose(float(lg), float(lm), rtol=1e-5)
+        _assert_trees_close(gg, gm)
+    with pytest.raises(ValueError, match="integer"):
+        g.position_groups(np.zeros((0, 3), np.int32))
+    with pytest.raises(ValueError, match="concrete"):
+        jax.jit(g.position_groups)(tokens)
 
 
 def test_lean_step_rejects_models_it_does_not_compute():
