@@ -16,6 +16,7 @@ from tinyinterp.tasks import (
     induction_losses,
     induction_segments,
     per_token_loss,
+    random_permutations,
     task_from_dict,
 )
 
@@ -299,6 +300,23 @@ def test_repeated_tokens_mixed_sampling_statistics():
     starts = [_segment_from_masks(r, a, f)[0]
               for r, a, f in zip(b["tokens"], b["answer_mask"], b["first_mask"], strict=True)]
     assert 0.72 < np.mean(np.array(starts) == 0) < 0.78  # no filler for a fraction no_filler
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=seeds, n=st.sampled_from([1, 2, 5, 63, 64, 1025]))
+def test_random_permutations_are_uniform_permutations(seed, n):
+    """Every row a permutation of 0..n-1 (packed-key sort up to 1024 ids, argsort beyond), the
+    same for the same key, and each id equally likely in each place (chi-square over rows)."""
+    rows = 4000 if n <= 64 else 3
+    p = np.asarray(random_permutations(jax.random.key(seed), rows, n))
+    assert p.shape == (rows, n) and p.dtype == np.int32
+    np.testing.assert_array_equal(np.sort(p, axis=1), np.broadcast_to(np.arange(n), p.shape))
+    np.testing.assert_array_equal(p, np.asarray(random_permutations(jax.random.key(seed), rows, n)))
+    if 2 <= n <= 64:
+        for place in (0, n - 1):
+            counts = np.bincount(p[:, place], minlength=n)
+            chi2 = ((counts - rows / n) ** 2 / (rows / n)).sum()
+            assert chi2 < (n - 1) + 6 * np.sqrt(2 * (n - 1)), (place, counts)  # ~6 sigma
 
 
 def test_repeated_tokens_sampling_errors():
