@@ -28,12 +28,15 @@ work either: Numba keys a cached closure on a pickle of the objects it closes ov
 pickle of a compiled kernel differs between processes, so every process recompiled them
 (measured on this machine with Numba 0.68.1). So each entry is a one-line module-level function
 calling the one template ``_entry`` with its kernel's description, and the call passes the
-entry's address as an attribute.
+entry's index as an attribute.
 
-Attributes of every call (found by name, in any order): ``entry`` and ``task``, the int64
-addresses of the target's kernel entry and of the generic task (``attributes(target)``; a cached
-handler must not hold an address from the process that compiled it), and, for the kernels that
-take one, ``scale`` (float32).
+Attributes of every call (found by name, in any order): ``target``, the int64 index of the
+target in TARGETS (``attributes(target)``), and, for the kernels that take one, ``scale``
+(float32). The handler finds the target's entry and the task in the address table
+(``_ADDRESS_TABLE``, filled as each is compiled in this process) through a linker symbol resolved
+whenever Numba links the handler: no address from another process is held by a cached handler,
+and no address of this one appears in a program, so a program that calls the kernels is the same
+in every process and JAX's persistent compilation cache can find it.
 
 The call frame, XLA's API struct and the structs passed to its functions are read and written at
 the offsets named in ``kernels/xla_ffi_abi.py`` (checked against jax's header by
@@ -102,7 +105,18 @@ _JOB_REFS, _JOB_NEXT, _JOB_DONE, _JOB_ITEMS, _JOB_FRAME, _JOB_ENTRY, _JOB_SCALE 
 _JOB_SIZE = 56
 
 # The attribute names, as byte tuples (Numba freezes global tuples into the code).
-_ENTRY_NAME, _TASK_NAME, _SCALE_NAME = tuple(b"entry"), tuple(b"task"), tuple(b"scale")
+_TARGET_NAME, _SCALE_NAME = tuple(b"target"), tuple(b"scale")
+
+# The address table: slot i holds the address of target i's kernel entry (TARGETS' order), the
+# last slot the generic task's; 0 until compiled in this process. The handler reads it through
+# the linker symbol ADDRESS_TABLE_SYMBOL, resolved by name whenever Numba links the handler
+# (compiled or loaded from its cache), so neither the handler nor a call holds an address from
+# another process, and the calls' attributes (a target index) are the same in every process: JAX's
+# persistent compilation cache finds the programs that call the kernels.
+ADDRESS_TABLE_SYMBOL = "tinyinterp_ffi_address_table"
+_N_SLOTS = len(TARGETS) + 1
+_TASK_SLOT = len(TARGETS)
+_ADDRESS_TABLE = np.zeros(_N_SLOTS, np.int64)
 
 _I64 = ir.IntType(64)
 _I32 = ir.IntType(32)
@@ -129,6 +143,22 @@ def _voidptr(typingctx, addr):
         return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
 
     return types.voidptr(types.int64), codegen
+
+
+@intrinsic
+def _table_address(typingctx, slot):
+    """The int64 in slot ``slot`` of the address table (ADDRESS_TABLE_SYMBOL, an external global
+    resolved at link time); the caller keeps ``slot`` within [0, _N_SLOTS)."""
+
+    def codegen(context, builder, signature, args):
+        table_type = ir.ArrayType(_I64, _N_SLOTS)
+        table = builder.module.globals.get(ADDRESS_TABLE_SYMBOL)
+        if table is None:
+            table = ir.GlobalVariable(builder.module, table_type, ADDRESS_TABLE_SYMBOL)
+            table.linkage = "external"
+        return builder.load(builder.gep(table, [ir.Constant(_I32, 0), args[0]]))
+
+    return types.int64(types.int64), codegen
 
 
 @intrinsic
@@ -477,9 +507,11 @@ def _name_is(span, name):
 
 @_njit_helper
 def _attributes(frame):
-    """(ok, entry, task, scale) from the call's attributes: 'entry' and 'task' (int64 scalars,
-    not 0) and an optional 'scale' (a float32 scalar); ok is False for anything else."""
-    entry_addr, task_addr, scale, ok = 0, 0, np.float32(0.0), True
+    """(ok, entry, task, scale) from the call's attributes: 'target' (an int64 scalar, the target's
+    index in TARGETS, whose entry and the task are read from the address table) and an optional
+    'scale' (a float32 scalar); ok is False for anything else, and for a target whose entry or the
+    task is not compiled in this process (a zero address)."""
+    slot, scale, ok = -1, np.float32(0.0), True
     kinds = _load_i64(frame + abi.CALL_FRAME_ATTR_TYPES)
     names = _load_i64(frame + abi.CALL_FRAME_ATTR_NAMES)
     attrs = _load_i64(frame + abi.CALL_FRAME_ATTRS)
@@ -490,14 +522,15 @@ def _attributes(frame):
         span = _load_i64(names + abi.POINTER_BYTES * i)
         scalar = _load_i64(attrs + abi.POINTER_BYTES * i)
         dtype, value = _load_i32(scalar + abi.SCALAR_DTYPE), _load_i64(scalar + abi.SCALAR_VALUE)
-        if dtype == abi.DTYPE_S64 and _name_is(span, _ENTRY_NAME):
-            entry_addr = _load_i64(value)
-        elif dtype == abi.DTYPE_S64 and _name_is(span, _TASK_NAME):
-            task_addr = _load_i64(value)
+        if dtype == abi.DTYPE_S64 and _name_is(span, _TARGET_NAME):
+            slot = _load_i64(value)
         elif dtype == abi.DTYPE_F32 and _name_is(span, _SCALE_NAME):
             scale = _load_f32(value)
         else:
             ok = False
+    if not (0 <= slot < _TASK_SLOT):
+        return False, 0, 0, scale
+    entry_addr, task_addr = _table_address(slot), _table_address(_TASK_SLOT)
     return ok and entry_addr != 0 and task_addr != 0, entry_addr, task_addr, scale
 
 
@@ -559,9 +592,10 @@ def handler(call_frame):
     ok, entry_addr, task_addr, scale = _attributes(frame)
     if not ok:
         return _voidptr(_ffi_error(api, abi.ERR_INVALID_ARGUMENT,
-                                   "tinyinterp FFI kernel: the attributes must be 'entry' and"
-                                   " 'task' (the int64 addresses of kernels.ffi.attributes(target))"
-                                   " and, for kernels with a scale, 'scale' (a float32 scalar)"))
+                                   "tinyinterp FFI kernel: the attributes must be 'target' (the"
+                                   " int64 index of kernels.ffi.attributes(target), whose entry is"
+                                   " compiled in this process) and, for kernels with a scale,"
+                                   " 'scale' (a float32 scalar)"))
     n_items = _call_entry(entry_addr, frame, scale, 0, CHECK)
     if n_items == WRONG_FRAME:
         return _voidptr(_ffi_error(api, abi.ERR_INVALID_ARGUMENT,
@@ -599,7 +633,7 @@ def _check(frame, kernel):
     n_args, n_rets = len(kernel.args), len(kernel.rets)
     if (_load_i64(frame + abi.CALL_FRAME_ARGS_SIZE) != n_args
             or _load_i64(frame + abi.CALL_FRAME_RETS_SIZE) != n_rets
-            or _load_i64(frame + abi.CALL_FRAME_ATTRS_SIZE) != 2 + int(kernel.scale)):
+            or _load_i64(frame + abi.CALL_FRAME_ATTRS_SIZE) != 1 + int(kernel.scale)):
         return WRONG_FRAME
     extra = _f32_rank(_buffer(frame, 0, n_args)) - kernel.args[0]  # leading (vmap) dims
     if extra < 0 or (extra > 0 and not kernel.batched):
@@ -724,8 +758,15 @@ _lock = threading.Lock()
 
 def _compiled_cfunc(key, fn, signature):
     with _lock:
+        if not _compiled:  # before the handler is linked: its one external symbol
+            from llvmlite import binding
+
+            binding.add_symbol(ADDRESS_TABLE_SYMBOL, _ADDRESS_TABLE.ctypes.data)
         if key not in _compiled:
             _compiled[key] = cfunc(signature, nopython=True, cache=True)(fn)
+            slot = TARGETS.index(key) if key in ENTRIES else _TASK_SLOT if key == "task" else None
+            if slot is not None:
+                _ADDRESS_TABLE[slot] = _compiled[key].address
         return _compiled[key]
 
 
@@ -743,7 +784,9 @@ def entry_address(target: str) -> int:
 
 
 def attributes(target: str) -> dict[str, np.int64]:
-    """The attributes every call of ``target`` passes besides its ``scale``: the addresses of its
-    kernel entry and of the generic task."""
-    return {"entry": np.int64(entry_address(target)),
-            "task": np.int64(_compiled_cfunc("task", task, TASK_SIGNATURE).address)}
+    """The attributes every call of ``target`` passes besides its ``scale``: ``target``, its index
+    in TARGETS (the same in every process). Compiles (or loads) its kernel entry and the generic
+    task first and puts their addresses in the address table, where the handler finds them."""
+    entry_address(target)
+    _compiled_cfunc("task", task, TASK_SIGNATURE)
+    return {"target": np.int64(TARGETS.index(target))}

@@ -427,11 +427,12 @@ def test_bad_inputs_give_clear_errors(backend):
 
 @needs_numba
 def test_ffi_handlers_reject_a_wrong_call_with_a_clear_error():
-    """Called directly with a buffer of the wrong rank, without the 'scale', 'entry' or 'task'
-    attribute, with an attribute of the wrong type or name, or with another kernel's entry, the
-    one handler returns an XLA error that says which check failed (it never reads out of bounds
-    or calls a null task)."""
-    from tinyinterp.kernels.ffi import attributes
+    """Called directly with a buffer of the wrong rank, without the 'scale' or 'target'
+    attribute, with an attribute of the wrong type or name, with a target index out of range or
+    whose entry is not compiled in this process, or with another kernel's index, the one handler
+    returns an XLA error that says which check failed (it never reads out of bounds or calls a
+    null entry or task)."""
+    from tinyinterp.kernels import ffi as kffi
 
     x = jnp.zeros((1, 4, 2, 8), jnp.float32)
     z = jax.ShapeDtypeStruct(x.shape, jnp.float32)
@@ -439,29 +440,38 @@ def test_ffi_handlers_reject_a_wrong_call_with_a_clear_error():
     none = jax.ShapeDtypeStruct((0, 0, 0, 0), jnp.float32)  # no scores, no pattern
     attn.ffi.ensure_registered(attn.ffi.ATTENTION_FWD)
     call = jax.ffi.ffi_call(attn.ffi.ATTENTION_FWD, (z, lse, none, none))
-    attrs = attributes(attn.ffi.ATTENTION_FWD)
-    entry, task = attrs["entry"], attrs["task"]
-    out = call(x, x, x, scale=np.float32(1.0), entry=entry, task=task)  # the right call works
+    target = kffi.attributes(attn.ffi.ATTENTION_FWD)["target"]
+    out = call(x, x, x, scale=np.float32(1.0), target=target)  # the right call works
     assert not np.any(np.isnan(np.asarray(out[0])))
     # (jax caches eager calls by attribute values, and np.int32(1) == np.float32(1.0): the
     # wrong scale below is 2)
     with pytest.raises(Exception, match="not float32 or does not have the expected rank"):
-        jax.block_until_ready(call(x, x, x[0], scale=np.float32(1.0), entry=entry, task=task))
+        jax.block_until_ready(call(x, x, x[0], scale=np.float32(1.0), target=target))
     with pytest.raises(Exception, match="unexpected XLA FFI call frame"):
-        jax.block_until_ready(call(x, x, x, entry=entry, task=task))
+        jax.block_until_ready(call(x, x, x, target=target))
     with pytest.raises(Exception, match="'scale' \\(a float32 scalar\\)"):
-        jax.block_until_ready(call(x, x, x, scale=np.int32(2), entry=entry, task=task))
-    for wrong in ({"task": np.int64(0)}, {"task": np.float32(1.0)}, {"entry": np.int64(0)},
-                  {"entry": np.int32(3)}, {"extra": np.int64(1)}):
-        with pytest.raises(Exception, match="'entry' and 'task'"):
-            jax.block_until_ready(call(x, x, x, **{"scale": np.float32(1.0), "entry": entry,
-                                                   "task": task, **wrong}))
-    with pytest.raises(Exception, match="'entry' and 'task'"):
-        jax.block_until_ready(call(x, x, x, scale=np.float32(1.0), task=task))
-    # another kernel's entry checks the call against that kernel: 2 arguments, 1 result
-    other = attributes(attn.ffi.SCORES_FWD)["entry"]
+        jax.block_until_ready(call(x, x, x, scale=np.int32(2), target=target))
+    n = len(kffi.TARGETS)
+    for i, wrong in enumerate(({"target": np.int64(-1)}, {"target": np.int64(n)},
+                               {"target": np.float32(1.0)}, {"target": np.int32(target)},
+                               {"extra": np.int64(1)})):  # (a scale of its own: not a cached call)
+        with pytest.raises(Exception, match="must be 'target'"):
+            jax.block_until_ready(call(x, x, x, **{"scale": np.float32(10.0 + i), "target": target,
+                                                   **wrong}))
+    with pytest.raises(Exception, match="must be 'target'"):
+        jax.block_until_ready(call(x, x, x, scale=np.float32(2.0)))
+    # a target whose entry this process has not compiled (its slot in the table is 0)
+    saved = int(kffi._ADDRESS_TABLE[target])
+    kffi._ADDRESS_TABLE[target] = 0
+    try:
+        with pytest.raises(Exception, match="compiled in this process"):
+            jax.block_until_ready(call(x, x, x, scale=np.float32(3.0), target=target))
+    finally:
+        kffi._ADDRESS_TABLE[target] = saved
+    # another kernel's index checks the call against that kernel: 2 arguments, 1 result
+    other = kffi.attributes(attn.ffi.SCORES_FWD)["target"]
     with pytest.raises(Exception, match="unexpected XLA FFI call frame"):
-        jax.block_until_ready(call(x, x, x, scale=np.float32(1.0), entry=other, task=task))
+        jax.block_until_ready(call(x, x, x, scale=np.float32(1.0), target=other))
 
 
 def test_resolve_backend():

@@ -78,6 +78,9 @@ toks = jax.random.randint(jax.random.key(1), (4, 16), 0, 16)
 f = jax.jit(lambda p, t: forward(p, cfg, t))
 assert "tinyinterp_" in f.lower(m.params, toks).as_text()  # the Numba kernels are in it
 g = jax.jit(jax.grad(lambda p, t: forward(p, cfg, t, return_type="loss")))
+before = len(hits)  # the two programs that call the kernels: compiled, or found in the cache
+f.lower(m.params, toks).compile(), g.lower(m.params, toks).compile()
+print("KERNEL_HITS", len(hits) - before)
 xla = cfg.replace(attention_backend="xla")
 gx = jax.grad(lambda p, t: forward(p, xla, t, return_type="loss"))(m.params, toks)
 d_out = np.abs(np.asarray(f(m.params, toks)) - np.asarray(forward(m.params, xla, toks))).max()
@@ -89,9 +92,10 @@ print("DIFF", max(float(d_out), d_grad))
 
 
 def test_numba_programs_loaded_from_the_cache_compute_the_same(tmp_path):
-    """A program that calls the Numba kernels, compiled in one process and loaded from the cache
-    in another, still calls this process's kernels: the FFI targets are found by name (no address
-    from the compiling process survives), and values and gradients equal the XLA path's."""
+    """A program that calls the Numba kernels, compiled in one process, is found in the cache by
+    another (its attributes hold no address) and still calls that process's kernels: the FFI
+    targets are found by name and the entries through the address table, and values and
+    gradients equal the XLA path's."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["TINYINTERP_COMPILE_CACHE"] = ""
     runs = []
@@ -100,5 +104,7 @@ def test_numba_programs_loaded_from_the_cache_compute_the_same(tmp_path):
                              capture_output=True, text=True, timeout=300, check=True).stdout
         runs.append(dict(line.split(" ", 1) for line in out.strip().splitlines()))
     assert int(runs[1]["HITS"]) > int(runs[0]["HITS"])  # the second process loaded programs
+    # ... the kernels' programs among them: a call's attributes are the same in every process
+    assert (int(runs[0]["KERNEL_HITS"]), int(runs[1]["KERNEL_HITS"])) == (0, 2), runs
     for r in runs:
         assert float(r["DIFF"]) < 1e-4, r

@@ -100,9 +100,9 @@ def ensure_registered(target: str) -> str:
 
 
 def call(target: str, out, *, vmap_method: str = "broadcast_all"):
-    """``jax.ffi.ffi_call`` of a Numba target (registered on first use), passing the addresses of
-    the target's kernel entry and of the generic task as the attributes ``entry`` and ``task``
-    (the handler runs the task on XLA's thread pool; see kernels/ffi.py). ``out``: a
+    """``jax.ffi.ffi_call`` of a Numba target (registered on first use), passing the target's
+    index as the attribute ``target`` (the handler finds its kernel entry and the task, which it
+    runs on XLA's thread pool, in the address table; see kernels/ffi.py). ``out``: a
     ShapeDtypeStruct or a tuple of them.
 
     vmap_method "broadcast_all" suits the attention kernels, whose handlers fold every leading

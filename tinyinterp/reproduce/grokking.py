@@ -624,9 +624,9 @@ def analyse(result: TrainResult) -> tuple[dict[str, Any], dict[str, Any]]:
     """Everything the report says about a finished run: the key frequencies, the neurons, the 2-D
     Fourier transform of the logits, the progress measures and the phases. Reads the trained
     model through its hooks (``run_with_cache``) and checks that the training step's logits
-    (``config.step_path``) are the model's. Two compiled programs: the final model's arrays (``_final_arrays``), then the
-    progress measures over the snapshots (which need the key frequencies). Returns (JSON-safe
-    findings, arrays for the figures)."""
+    (``config.step_path``) are the model's. Two compiled programs: the final model's arrays
+    (``_final_arrays``), then the progress measures over the snapshots (which need the key
+    frequencies). Returns (JSON-safe findings, arrays for the figures)."""
     data, p = result.data, result.data.p
     model = result.model
     step_path = result.config.step_path
