@@ -59,8 +59,8 @@ class GrokkingConfig:
     """One grokking run: the data, the model's size and the optimiser.
 
     Defaults (``default()``): p 43, 40% of pairs train, weight decay 3, so the three phases stay
-    apart (seed 0: train accuracy 99% at step 100, test loss peaks at 120, falls to half its peak
-    by 890, test accuracy 99% at 1,480) in about 1,700 steps of 739 pairs; the issue's p 59 with
+    apart (seed 0, grouped step: test loss peaks at step 120, falls to half its peak by 840,
+    test accuracy 99% at 1,450) in about 1,700 steps of 739 pairs; the issue's p 59 with
     30% of pairs took 4,600 steps of 1,044 pairs (6x the work). ``paper()``: the published setup
     (p 113, 30%, weight decay 1). Both: lr 1e-3, AdamW betas (0.9, 0.98), 10 linear warm-up
     steps, full batch. Training stops ``after_grok`` (a share of the step at which test accuracy

@@ -76,8 +76,9 @@ DEFAULT_CONFIG = TransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16,
 # distinct-token layout from 0.098 to 0.072 nats; lr 7e-3 or weight decay 0.01 are worse on
 # seed 0, lr 1e-2 does not learn);
 # quick=True (CI) stops earlier. No evaluation inside training (eval_batches 0): the report
-# scores the model on its own held-out sequences, and the final eval's program (compiled anew
-# in every run) was seconds of the 30 s budget for numbers nothing read.
+# scores the model on its own held-out sequences, and the final eval's program cost seconds of
+# the 30 s budget (it was compiled anew in every run until session 9's FFI fix) for numbers
+# nothing read.
 DEFAULT_TRAIN = TrainConfig(steps=1500, batch_size=64, lr=5e-3, warmup_steps=100,
                             schedule="cosine", weight_decay=0.1, grad_clip=1.0, seed=0,
                             eval_every=0, eval_batches=0, checkpoint_every=0, chunk_size=50)
