@@ -231,6 +231,34 @@ def test_sae_sweep_sharded():
         assert a.resampled == b.resampled
 
 
+def test_per_layer_transcoders_sharded():
+    """Item 1/6: per-layer transcoders (3 layers, each its own data: padded to 4 runs), resampling
+    included, trained as one program on two devices equal one device."""
+    from tinyinterp import sae
+    from tinyinterp import transcoders as T
+
+    xs = np.asarray(jax.random.normal(jax.random.key(1), (3, 200, 8)))
+    ys = np.tanh(xs @ np.asarray(jax.random.normal(jax.random.key(2), (8, 8))))
+    cfg = sae.SAEConfig(d_in=8, d_sae=16, d_out=8, n_steps=20, batch_size=32, resample_every=10,
+                        chunk_size=10, lr=3e-3, l1_coefficient=1e-2)
+    batches = sae.array_batches(xs, 32, [5, 6, 7], ys=ys)
+    keys = [jax.random.key(5000 + i) for i in range(3)]
+    one = sae.train_sae_sweep([cfg] * 3, keys, batches)
+    two = sae.train_sae_sweep([cfg] * 3, keys, batches, devices=2)
+    for a, b in zip(one, two, strict=True):
+        _same(b.history["loss"], a.history["loss"], "transcoder losses")
+        assert a.resampled == b.resampled and a.resampled
+    # train_transcoders passes devices= on: the same sweep (seed 5: keys 5000 + layer, data seeds
+    # 5 + layer), so the same compiled programs and the same values
+    tc = T.train_transcoders(xs, ys, 16, seed=5, devices=2, **{
+        f: getattr(cfg, f) for f in ("n_steps", "batch_size", "resample_every", "chunk_size", "lr",
+                                     "l1_coefficient")})
+    for layer, res in enumerate(two):
+        for k, v in res.params.items():
+            got = tc.params[layer][k]
+            np.testing.assert_array_equal(got[:, 0] if k == "W_dec" else got, v, err_msg=k)
+
+
 def test_attribution_sharded():
     """Item 1/6: integrated gradients (points split over two devices) and occlusion / feature
     ablation (variants split) equal one device."""

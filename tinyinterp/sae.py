@@ -77,6 +77,8 @@ __all__ = [
     "heaviside_step",
     "ARCHITECTURES",
     "array_batch_fn",
+    "array_batches",
+    "RunBatches",
     "metrics",
     "mmcs",
     "collect_activations",
@@ -495,10 +497,75 @@ def array_batch_fn(
         raise ValueError(f"x and y need the same number of rows, got {n} and {y.shape[0]}.")
 
     def fn(step):
-        u = uniform_from_counter(jnp.uint32(seed), step, (batch_size,))  # [batch]
-        idx = jnp.minimum((u * jnp.float32(n)).astype(jnp.int32), n - 1)  # [batch]
-        return x[idx] if y is None else (x[idx], y[idx])
+        return _sample_rows(x, y, jnp.uint32(seed), step, batch_size)
 
+    return fn
+
+
+def _sample_rows(x, y, seed, step, batch_size: int):
+    """``batch_size`` rows of x (and y) drawn with replacement by a counter-based sampler."""
+    n = x.shape[0]
+    u = uniform_from_counter(seed, step, (batch_size,))  # [batch]
+    idx = jnp.minimum((u * jnp.float32(n)).astype(jnp.int32), n - 1)  # [batch]
+    return x[idx] if y is None else (x[idx], y[idx])
+
+
+@dataclass(frozen=True, eq=False)
+class RunBatches:
+    """Training data of a sweep whose runs each have their OWN data (``train_sae_sweep``; e.g.
+    one transcoder per layer): run r's batch at step t is ``fn(t, data_r)``, ``data_r`` the r-th
+    slice of every leaf of ``data`` (a pytree whose leaves all have a leading [run] axis).
+    Calling it on a step gives every run's batch, stacked: x [run, batch, d_in] (or (x, y)).
+    ``data`` is an argument of the compiled program, split over devices with the runs."""
+
+    fn: Callable
+    data: object
+
+    def __post_init__(self):
+        lengths = {np.shape(leaf)[0] if np.ndim(leaf) else None
+                   for leaf in jax.tree_util.tree_leaves(self.data)}
+        if len(lengths) != 1 or None in lengths:
+            raise ValueError(f"RunBatches.data: every leaf needs the same leading [run] axis; "
+                             f"got leading sizes {sorted(lengths, key=str)}.")
+
+    @property
+    def n_runs(self) -> int:
+        return int(np.shape(jax.tree_util.tree_leaves(self.data)[0])[0])
+
+    def __call__(self, step):
+        return _draw_runs(self.fn, step, self.data)
+
+
+def _draw_runs(fn: Callable, step, data):
+    """Every run's batch at ``step`` from ``data`` (leading [run] axis): [run, batch, ...]."""
+    return jax.vmap(fn, in_axes=(None, 0))(step, data)
+
+
+def array_batches(
+    xs: Float[Array, "run n d_in"], batch_size: int, seeds: Sequence[int],
+    ys: Float[Array, "run n d_out"] | None = None,
+) -> RunBatches:
+    """Per-run ``array_batch_fn``s as one ``RunBatches``: run r samples rows of ``xs[r]`` (and
+    ``ys[r]``) exactly as ``array_batch_fn(xs[r], batch_size, seeds[r], ys[r])`` does."""
+    xs = jnp.asarray(xs, jnp.float32)
+    ys = None if ys is None else jnp.asarray(ys, jnp.float32)
+    if xs.ndim != 3 or (ys is not None and (ys.ndim != 3 or ys.shape[:2] != xs.shape[:2])):
+        raise ValueError(f"array_batches needs xs [run, n, d_in] and ys [run, n, d_out] with the "
+                         f"same run and n; got {xs.shape} and {None if ys is None else ys.shape}.")
+    if len(seeds) != xs.shape[0]:
+        raise ValueError(f"array_batches: {xs.shape[0]} runs but {len(seeds)} seeds.")
+    data = {"x": xs, "seed": jnp.asarray(np.asarray(seeds, np.int64) % 2**32, jnp.uint32)}
+    if ys is not None:
+        data["y"] = ys
+    return RunBatches(_rows_of_run(batch_size), data)
+
+
+@functools.cache
+def _rows_of_run(batch_size: int) -> Callable:
+    """The ``RunBatches.fn`` of ``array_batches``: one function per batch size, so training on
+    new data of the same shapes reuses the compiled programs (the data are their argument)."""
+    def fn(step, d):
+        return _sample_rows(d["x"], d.get("y"), d["seed"], step, batch_size)
     return fn
 
 
@@ -528,8 +595,10 @@ def _split(batch, transcoder: bool):
 
 def _make_chunk(cfg: SAEConfig, batch_fn: Callable, n_steps: int, opt, k_max: int, mesh=None):
     """One jitted scan of ``n_steps`` steps for a stack of runs [run, ...] that differ only in
-    their sparsity knob: each step draws ONE batch (shared by every run) and vmaps the update.
-    With a ``mesh``, each device runs its slice of the runs (tinyinterp.sweeps)."""
+    their sparsity knob: each step draws ONE batch (shared by every run) and vmaps the update;
+    or, for a ``RunBatches``, each run's own batch [run, batch, ...] from its slice of the
+    data (an argument, in_axes 0). With a ``mesh``, each device runs its slice of the runs (and
+    of their data; tinyinterp.sweeps)."""
     tc = cfg.is_transcoder
 
     def one_run(params, opt_state, fired, knob, x, y):
@@ -544,6 +613,22 @@ def _make_chunk(cfg: SAEConfig, batch_fn: Callable, n_steps: int, opt, k_max: in
         l0 = jnp.mean(jnp.sum(active, axis=-1, dtype=jnp.int32).astype(jnp.float32))
         dead = jnp.mean((fired == 0).astype(jnp.float32))
         return params, opt_state, fired, (loss, mse, penalty, l0, dead)
+
+    if isinstance(batch_fn, RunBatches):
+        run_fn = batch_fn.fn  # not batch_fn: the compiled code is cached, the data must not be
+
+        def chunk(params, opt_state, fired, knobs, data, start):
+            def step_fn(carry, t):
+                params, opt_state, fired = carry
+                x, y = _split(_draw_runs(run_fn, t, data), tc)  # [run, batch, d_in], [run, batch, d_out]
+                params, opt_state, fired, stats = jax.vmap(one_run)(
+                    params, opt_state, fired, knobs, x, y)
+                return (params, opt_state, fired), stats  # stats: 5 x [run]
+
+            steps = start + jnp.arange(n_steps, dtype=jnp.int32)  # [step]
+            return jax.lax.scan(step_fn, (params, opt_state, fired), steps)
+
+        return sweeps.compile_sweep(chunk, mesh, in_axes=(0, 0, 0, 0, 0, None), out_axes=(0, 1))
 
     def step_fn(carry, t):
         params, opt_state, fired, knobs = carry
@@ -594,7 +679,8 @@ def _cluster_picks(resid, sq, cfg: SAEConfig):
 
 def _make_resample(cfg: SAEConfig, batch_fn: Callable, opt, mesh=None):
     """A jitted resampling of a stack of runs [run, ...]: one candidate pool (shared) scored by
-    each run's SAE, then the per-run resampling vmapped."""
+    each run's SAE, then the per-run resampling vmapped; for a ``RunBatches``, each run's pool
+    drawn from its own data (an argument, in_axes 0)."""
     tc = cfg.is_transcoder
 
     def one_run(params, opt_state, fired, key, window_samples, x, y):
@@ -693,14 +779,27 @@ def _make_resample(cfg: SAEConfig, batch_fn: Callable, opt, mesh=None):
         )
         return new, opt_state, jnp.sum(dead)
 
-    def resample(params, opt_state, fired, keys, start, window_samples):
+    def pool(draw, start, axis):
         xs, ys = [], []
         for i in range(cfg.resample_pool):  # fresh candidate batches (step indices < 0 unused)
-            x, y = _split(batch_fn(-(start + 1) * cfg.resample_pool - i), tc)
+            x, y = _split(draw(-(start + 1) * cfg.resample_pool - i), tc)
             xs.append(x)
             ys.append(y)
-        x = jnp.concatenate(xs, axis=0)  # [pool*batch, d_in]: one pool for every run
-        y = jnp.concatenate(ys, axis=0)  # [pool*batch, d_out]
+        return jnp.concatenate(xs, axis=axis), jnp.concatenate(ys, axis=axis)
+
+    if isinstance(batch_fn, RunBatches):
+        run_fn = batch_fn.fn  # not batch_fn: the compiled code is cached, the data must not be
+
+        def resample_own(params, opt_state, fired, keys, data, start, window_samples):
+            # [run, pool*batch, d_in], [run, pool*batch, d_out]: each run's pool from its data
+            x, y = pool(functools.partial(_draw_runs, run_fn, data=data), start, axis=1)
+            return jax.vmap(one_run, in_axes=(0, 0, 0, 0, None, 0, 0))(
+                params, opt_state, fired, keys, window_samples, x, y)
+
+        return sweeps.compile_sweep(resample_own, mesh, in_axes=(0, 0, 0, 0, 0, None, None))
+
+    def resample(params, opt_state, fired, keys, start, window_samples):
+        x, y = pool(batch_fn, start, axis=0)  # [pool*batch, d_in], [pool*batch, d_out]: shared
         return jax.vmap(one_run, in_axes=(0, 0, 0, 0, None, None, None))(
             params, opt_state, fired, keys, window_samples, x, y)
 
@@ -713,8 +812,10 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _compiled(batch_fn, key, make):
+    # RunBatches: the data are an argument of the compiled code, so its function is the key
+    owner = batch_fn.fn if isinstance(batch_fn, RunBatches) else batch_fn
     try:
-        table = _COMPILED.setdefault(batch_fn, {})
+        table = _COMPILED.setdefault(owner, {})
     except TypeError:  # not weak-referenceable: no caching
         return make()
     if key not in table:
@@ -767,17 +868,24 @@ def train_sae_sweep(
     leading axis and every step's batch ``batch_fn(step)`` is drawn once and shared.
 
     ``keys``: one PRNG key per run (initialisation; run i equals ``train_sae(cfgs[i], keys[i],
-    batch_fn)``, to float32 rounding). ``params``: optional start for every run (stacked
-    [run, ...] or one set broadcast). ``progress(step, last_stats, params)`` after every chunk
-    (stats [run]). Returns one ``SAEResult`` per run, in order. ``devices`` (a count, a Mesh or
-    a list of devices) splits the runs over several devices or hosts (``tinyinterp.sweeps``);
-    each run trains as on one device.
+    batch_fn)``, to float32 rounding). ``batch_fn``: one batch shared by every run, or a
+    ``RunBatches`` (e.g. ``array_batches``): each run its own data, run i then equal to
+    ``train_sae(cfgs[i], keys[i], <run i's batch_fn>)`` (e.g. per-layer transcoders, trained
+    as one program: ``tinyinterp.transcoders.train_transcoders``). ``params``: optional start for
+    every run (stacked [run, ...] or one set broadcast). ``progress(step, last_stats, params)``
+    after every chunk (stats [run]). Returns one ``SAEResult`` per run, in order. ``devices`` (a
+    count, a Mesh or a list of devices) splits the runs (and their own data) over several
+    devices or hosts (``tinyinterp.sweeps``); each run trains as on one device.
     """
     cfg = _shared_config(list(cfgs))
     n_runs = len(cfgs)
     keys = list(keys) if not isinstance(keys, jax.Array) or keys.ndim else [keys]
     if len(keys) != n_runs:
         raise ValueError(f"train_sae_sweep: {n_runs} configs but {len(keys)} keys.")
+    own = isinstance(batch_fn, RunBatches)  # each run its own data
+    if own and batch_fn.n_runs != n_runs:
+        raise ValueError(f"train_sae_sweep: {n_runs} configs but the RunBatches hold data for "
+                         f"{batch_fn.n_runs} runs.")
     k_max = max(1, max(c.k for c in cfgs))
     knobs = {
         "coefficient": jnp.asarray([c.l0_coefficient if c.architecture == "jumprelu"
@@ -786,10 +894,11 @@ def train_sae_sweep(
     }  # each [run]
     opt = standard_promotion(optax.adam(_lr_schedule(cfg)))
     if params is None:
-        _, y0 = _split(batch_fn(jnp.int32(0)), cfg.is_transcoder)
-        b_dec = jnp.mean(y0, axis=0)
+        _, y0 = _split(batch_fn(jnp.int32(0)), cfg.is_transcoder)  # [(run,) batch, d_out]
+        b_dec = [jnp.mean(y0[r] if own else y0, axis=0) for r in range(n_runs)]
         params = jax.tree_util.tree_map(
-            lambda *a: jnp.stack(a), *[init_params(cfg, k, b_dec=b_dec) for k in keys])
+            lambda *a: jnp.stack(a), *[init_params(cfg, k, b_dec=b) for k, b in zip(keys, b_dec,
+                                                                                  strict=True)])
     else:
         ref = init_params(cfg, jax.random.key(0))
         if set(params) != set(ref):
@@ -808,6 +917,7 @@ def train_sae_sweep(
     keys = keys + keys[-1:] * (sweeps.padded_length(n_runs, mesh) - n_runs)  # padded runs
     params, opt_state, fired, knobs = sweeps.put(
         sweeps.pad((params, opt_state, fired, knobs), mesh), mesh)
+    data = (sweeps.put(sweeps.pad(batch_fn.data, mesh), mesh),) if own else ()  # [run, ...]
     names = ("loss", "mse", "penalty", "l0", "dead_fraction")
     hist = {k: [] for k in names}
     resampled: list[list] = [[] for _ in range(n_runs)]
@@ -830,7 +940,8 @@ def train_sae_sweep(
     for stop in stops:
         n = stop - done
         chunk = _compiled(batch_fn, (ckey, n), lambda n=n: _make_chunk(cfg, batch_fn, n, opt, k_max, mesh))
-        (params, opt_state, fired), stats = chunk(params, opt_state, fired, knobs, jnp.int32(done))
+        (params, opt_state, fired), stats = chunk(params, opt_state, fired, knobs, *data,
+                                                  jnp.int32(done))
         for k, v in zip(names, sweeps.fetch(stats, n_runs, axis=1), strict=True):
             hist[k].append(v)  # [step, run]
         done = stop
@@ -844,7 +955,7 @@ def train_sae_sweep(
             window = (done - last) * cfg.batch_size
             run_keys = sweeps.put(jnp.stack([jax.random.fold_in(k, done) for k in keys]), mesh)
             params, opt_state, n_dead = resample_fn(
-                params, opt_state, fired, run_keys, jnp.int32(done), jnp.float32(window),
+                params, opt_state, fired, run_keys, *data, jnp.int32(done), jnp.float32(window),
             )
             for r, nd in enumerate(sweeps.fetch(n_dead, n_runs)):
                 resampled[r].append((done, int(nd)))

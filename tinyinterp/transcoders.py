@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float
 
-from tinyinterp import sae
+from tinyinterp import sae, sweeps
 
 __all__ = ["Transcoders", "CLTConfig", "mlp_input_hook", "from_mlps", "random_transcoders",
            "collect_mlp_io", "train_transcoders", "train_clt", "replacement_logits", "evaluate"]
@@ -287,11 +287,18 @@ def _skip_fit(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
 
 def train_transcoders(xs: np.ndarray, ys: np.ndarray, n_features: int, *,
                       architecture: str = "relu", skip: bool = False, seed: int = 0,
-                      **sae_config) -> Transcoders:
-    """Per-layer transcoders (``x_l -> y_l``) from ``collect_mlp_io`` data, each trained by
-    ``tinyinterp.sae.train_sae`` (ReLU + L1, TopK, JumpReLU with straight-through threshold
-    gradients; resampling of dead latents). ``sae_config``: further ``SAEConfig`` fields
+                      devices: sweeps.Devices = None, **sae_config) -> Transcoders:
+    """Per-layer transcoders (``x_l -> y_l``) from ``collect_mlp_io`` data, trained by
+    ``tinyinterp.sae`` (ReLU + L1, TopK, JumpReLU with straight-through threshold gradients;
+    resampling of dead latents). ``sae_config``: further ``SAEConfig`` fields
     (``l1_coefficient``, ``k``, ``l0_coefficient``, ``n_steps``, ``batch_size``, ``lr``, ...).
+
+    Every layer trains at once, as ONE compiled program whose runs are the layers, each on its
+    own data (``sae.train_sae_sweep`` with ``sae.array_batches``): layer l is what
+    ``sae.train_sae(cfg, jax.random.key(seed * 1000 + l), sae.array_batch_fn(xs[l],
+    batch_size, seed=seed + l, y=target_l))`` gives, to float32 rounding. ``devices`` (a count,
+    a Mesh or a list of devices) splits the layers over several devices or hosts
+    (``tinyinterp.sweeps``).
 
     ``skip``: a skip transcoder (Paulo et al. 2025): a linear map W_skip from input to output,
     fitted first by (ridge) least squares; the sparse latents are then trained on what it leaves
@@ -299,19 +306,22 @@ def train_transcoders(xs: np.ndarray, ys: np.ndarray, n_features: int, *,
     xs, ys = np.asarray(xs, np.float32), np.asarray(ys, np.float32)
     if xs.ndim != 3 or xs.shape != ys.shape:
         raise ValueError(f"xs and ys must both be [layer, n, d_model], got {xs.shape} and {ys.shape}")
-    d = xs.shape[-1]
+    n_layers, d = xs.shape[0], xs.shape[-1]
+    W_skip = [_skip_fit(xs[layer], ys[layer]) for layer in range(n_layers)] if skip else None
+    targets = np.stack([ys[layer] - xs[layer] @ W_skip[layer] for layer in range(n_layers)]
+                       ) if skip else ys  # [layer, n, d_model]
+    cfg = sae.SAEConfig(d_in=d, d_sae=n_features, d_out=d, architecture=architecture,
+                        **sae_config)
+    batches = sae.array_batches(xs, cfg.batch_size, [seed + layer for layer in range(n_layers)],
+                                ys=targets)
+    results = sae.train_sae_sweep([cfg] * n_layers,
+                                  [jax.random.key(seed * 1000 + layer) for layer in range(n_layers)],
+                                  batches, devices=devices)
     out = []
-    for layer in range(xs.shape[0]):
-        x, y = xs[layer], ys[layer]
-        W_skip = _skip_fit(x, y) if skip else None
-        target = y - x @ W_skip if skip else y
-        cfg = sae.SAEConfig(d_in=d, d_sae=n_features, d_out=d, architecture=architecture,
-                            **sae_config)
-        res = sae.train_sae(cfg, jax.random.key(seed * 1000 + layer),
-                            sae.array_batch_fn(x, cfg.batch_size, seed=seed + layer, y=target))
+    for layer, res in enumerate(results):
         p = dict(res.params)
         if skip:
-            p["W_skip"] = jnp.asarray(W_skip)
+            p["W_skip"] = jnp.asarray(W_skip[layer])
         out.append(p)
     return Transcoders.from_sae_params(out, architecture=architecture,
                                        k=sae_config.get("k", 0))
