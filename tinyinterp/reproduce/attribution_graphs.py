@@ -108,7 +108,11 @@ def selectivity(model, tc, rows: np.ndarray) -> np.ndarray:
     return np.stack([acts[mid == c].mean(axis=0) for c in range(N_C)], axis=1), acts
 
 
-def run(out_dir, *, seed: int = 0, quick: bool = False, verbose: bool = True) -> dict:
+def run(out_dir, *, seed: int = 0, quick: bool = False, verbose: bool = True,
+        devices=None) -> dict:
+    """The two-hop reproduction into ``out_dir``. ``devices`` (a count, a Mesh or a list of
+    devices; the CLI's ``--devices N``): the per-layer transcoders' layers split over them
+    (``tinyinterp.sweeps``)."""
     from tinyinterp.views import graph_view
 
     out = Path(out_dir)
@@ -135,7 +139,8 @@ def run(out_dir, *, seed: int = 0, quick: bool = False, verbose: bool = True) ->
     # for comparison: per-layer JumpReLU transcoders with a skip connection, same data
     plt = T.train_transcoders(xs, ys, s["clt_features"], architecture="jumprelu", skip=True,
                               l0_coefficient=1e-3, n_steps=s["clt_steps"], batch_size=256,
-                              resample_every=0, chunk_size=s["clt_steps"], lr=3e-3, seed=seed)
+                              resample_every=0, chunk_size=s["clt_steps"], lr=3e-3, seed=seed,
+                              devices=devices)
     plt_report = T.evaluate(model, plt, task["test"][:, :3])
     if verbose:
         for row in tc_report["layers"]:
@@ -342,10 +347,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reproduce_attribution_graphs", help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="seed for the task, model and CLT")
     parser.add_argument("--quick", action="store_true", help="reduced but real run")
+    from tinyinterp.sweeps import add_devices_argument
+
+    add_devices_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    run(args.out, seed=args.seed, quick=args.quick)
+    run(args.out, seed=args.seed, quick=args.quick, devices=getattr(args, "devices", 1))
     return 0
 
 
