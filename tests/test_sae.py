@@ -346,6 +346,23 @@ def test_sweep_is_the_runs_one_at_a_time():
         sae.train_sae_sweep([cfgs[0], cfgs[1].replace(lr=1e-3)], keys, batch_fn)
 
 
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    """Linear warm-up over the first lr_warmup_fraction, flat, linear decay to 0 over the last
+    lr_decay_fraction; without warm-up exactly the decay-only schedule (today's)."""
+    from tinyinterp.sae import _lr_schedule
+
+    cfg = sae.SAEConfig(d_in=8, d_sae=16, lr=1e-2, n_steps=100, lr_warmup_fraction=0.1)
+    lr = np.array([float(_lr_schedule(cfg)(jnp.int32(t))) for t in range(101)])
+    np.testing.assert_allclose(lr[:10], 1e-2 * np.arange(1, 11) / 10, rtol=1e-6)
+    np.testing.assert_allclose(lr[10:81], 1e-2, rtol=1e-6)
+    np.testing.assert_allclose(lr[80:], 1e-2 * (100 - np.arange(80, 101)) / 20, rtol=1e-6,
+                               atol=1e-9)
+    plain = _lr_schedule(cfg.replace(lr_warmup_fraction=0.0))
+    f32 = float(np.float32(1e-2))
+    assert [float(plain(jnp.int32(t))) for t in (0, 50, 90)] == [f32, f32, f32 / 2]
+    assert _lr_schedule(cfg.replace(lr_warmup_fraction=0.0, lr_decay_fraction=0.0)) == 1e-2
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("l1_coefficient", float("nan"), "l1_coefficient"),
     ("l1_coefficient", -0.1, "l1_coefficient"),
@@ -355,6 +372,7 @@ def test_sweep_is_the_runs_one_at_a_time():
     ("dead_frequency", float("nan"), "dead_frequency"),
     ("lr", float("nan"), "lr"),
     ("resample_until", 1.5, "resample_until"),
+    ("lr_warmup_fraction", -0.1, "lr_warmup_fraction"),
     ("architecture", "gated", "architecture"),
     ("jumprelu_bandwidth", 0.0, "jumprelu_bandwidth"),
 ])

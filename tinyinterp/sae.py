@@ -132,6 +132,9 @@ class SAEConfig:
     resample_threshold: float = 0.5
     chunk_size: int = 250
     lr_decay_fraction: float = 0.2  # the lr falls linearly to 0 over this last fraction of steps
+    # the lr rises linearly from lr / warmup_steps to lr over this first fraction of steps
+    # (Anthropic's April 2024 SAE update; SAELens' lr_warm_up_steps); 0: none
+    lr_warmup_fraction: float = 0.0
     # Adam second moment of a resampled latent: "alive_mean" (the kept latents' mean) or "zero".
     # optax's bias correction is global, so with "zero" the fresh latent's updates are ~3-6x lr
     # for its first hundreds of steps (m / sqrt(v) while v warms up), throwing it off its direction.
@@ -172,7 +175,7 @@ class SAEConfig:
                 f"SAEConfig.dead_frequency is the fraction of a resampling window's samples a "
                 f"latent must fire on to count as alive, so it must be in [0, 1) (typically "
                 f"1e-6 to 1e-3; 0 resamples only duplicates); got {self.dead_frequency!r}.")
-        for name in ("resample_until", "lr_decay_fraction"):
+        for name in ("resample_until", "lr_decay_fraction", "lr_warmup_fraction"):
             value = getattr(self, name)
             if not _finite(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"SAEConfig.{name} is a fraction of the steps and must be in "
@@ -824,14 +827,24 @@ def _compiled(batch_fn, key, make):
 
 
 def _lr_schedule(cfg: SAEConfig):
+    """lr x a linear warm-up over the first ``lr_warmup_fraction`` of the steps (from lr /
+    warmup_steps at step 0) x a linear decay to 0 over the last ``lr_decay_fraction``."""
     decay_steps = max(int(cfg.n_steps * cfg.lr_decay_fraction), 1)
-    start = cfg.n_steps - decay_steps
+    warmup_steps = int(cfg.n_steps * cfg.lr_warmup_fraction)
+    decays = cfg.lr_decay_fraction > 0 and cfg.n_steps - decay_steps >= 0
+    if not decays and warmup_steps == 0:
+        return cfg.lr
 
     def schedule(count):
-        frac = (jnp.float32(cfg.n_steps) - count.astype(jnp.float32)) / jnp.float32(decay_steps)
-        return jnp.float32(cfg.lr) * jnp.clip(frac, 0.0, 1.0)
+        c = count.astype(jnp.float32)
+        lr = jnp.float32(cfg.lr)
+        if decays:
+            lr = lr * jnp.clip((jnp.float32(cfg.n_steps) - c) / jnp.float32(decay_steps), 0.0, 1.0)
+        if warmup_steps:
+            lr = lr * jnp.clip((c + 1.0) / jnp.float32(warmup_steps), 0.0, 1.0)
+        return lr
 
-    return schedule if cfg.lr_decay_fraction > 0 and start >= 0 else cfg.lr
+    return schedule
 
 
 def _shared_config(cfgs: Sequence[SAEConfig]) -> SAEConfig:
