@@ -6,13 +6,13 @@ machine) and the ratios, measured in this process; and the largest difference in
 the final losses between the two (they are the same runs, to float32 rounding).
 
     python benchmarks/sae.py [--steps 500] [--sizes 256 512 1024] [--full-command]
-    python benchmarks/sae.py --recipe 4000 [--lr 1e-2 --warmup 0.05 --resample-every 125]
+    python benchmarks/sae.py --recipe 4000 [--lr 1e-2 --warmup 0.05 --resample-every 125 --pool 48]
 
 ``--full-command`` also times the whole `tinyinterp reproduce sae` (run(), figures included).
 ``--recipe STEPS`` asks whether a shorter schedule reaches the full run's results: it trains the
 reproduction's dictionary-512 lambda sweep (one batched program) for STEPS steps with the given
-lr, warm-up fraction and resampling cadence, and prints MMCS, L0, dead fraction and FVE per
-lambda beside the full run's (8000 steps, lr 3e-3, resampling every 250; seed 0, measured on the
+lr, warm-up fraction, resampling cadence and candidate pool (batches), and prints MMCS, L0, dead
+fraction and FVE per lambda beside the full run's (8000 steps, lr 3e-3, resampling every 250; seed 0, measured on the
 idle machine in session 9, ``FULL_RUN``), and the CPU time (the work scales with the steps).
 """
 
@@ -40,14 +40,15 @@ def recipe(args) -> None:
     every = args.resample_every
     cfgs = [sae.SAEConfig(d_in=256, d_sae=512, l1_coefficient=lam, lr=args.lr, batch_size=256,
                           n_steps=args.recipe, resample_every=every, chunk_size=every,
-                          lr_warmup_fraction=args.warmup) for lam in LAMBDAS]
+                          lr_warmup_fraction=args.warmup, resample_pool=args.pool)
+            for lam in LAMBDAS]
     root = jax.random.key(0)  # the reproduction's keys for dictionary 512 (column j = 1)
     keys = [jax.random.fold_in(root, i * 100 + 1) for i in range(len(LAMBDAS))]
     t, c = time.perf_counter(), time.process_time()
     runs = sae.train_sae_sweep(cfgs, keys, gt.batch_fn(256))
     print(f"{args.recipe} steps, lr {args.lr:g}, warm-up {args.warmup:g}, resampling every "
-          f"{every}: {time.perf_counter() - t:.0f} s wall, {time.process_time() - c:.0f} CPU-s "
-          f"(compile included); the full run is 8000 steps")
+          f"{every} (pool {args.pool} batches): {time.perf_counter() - t:.0f} s wall, "
+          f"{time.process_time() - c:.0f} CPU-s (compile included); the full run is 8000 steps")
     for lam, res in zip(LAMBDAS, runs, strict=True):
         score, _ = sae.mmcs(gt.features, res.params["W_dec"])
         m = sae.metrics(res.params, x_eval, cfg=res.cfg)
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=float, default=0.0)
     ap.add_argument("--resample-every", type=int, default=250)
+    ap.add_argument("--pool", type=int, default=16)
     args = ap.parse_args()
     if args.recipe:
         recipe(args)
