@@ -12,8 +12,9 @@ the final losses between the two (they are the same runs, to float32 rounding).
 ``--recipe STEPS`` asks whether a shorter schedule reaches the full run's results: it trains the
 reproduction's dictionary-512 lambda sweep (one batched program) for STEPS steps with the given
 lr, warm-up fraction, resampling cadence and candidate pool (batches), and prints MMCS, L0, dead
-fraction and FVE per lambda beside the full run's (8000 steps, lr 3e-3, resampling every 250; seed 0, measured on the
-idle machine in session 9, ``FULL_RUN``), and the CPU time (the work scales with the steps).
+fraction and FVE per lambda beside the full run's (8000 steps, lr 3e-3, resampling every 250;
+seed 0, measured on the idle machine in session 9, ``FULL_RUN``), and the CPU time (the work
+scales with the steps).
 """
 
 from __future__ import annotations
