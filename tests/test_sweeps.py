@@ -259,6 +259,34 @@ def test_per_layer_transcoders_sharded():
             np.testing.assert_array_equal(got[:, 0] if k == "W_dec" else got, v, err_msg=k)
 
 
+def test_evaluate_methods_circuits_sharded():
+    """Item 1/6: evaluate-methods' circuits of one shape (3 planted circuits: padded to 4) run as
+    one program split over two devices, equal to the one-device loop over circuits; the property
+    checks of occlusion with its variants split equal one device's (they once ran the dummy
+    check on its per-position attributions and failed)."""
+    import functools
+
+    from tinyinterp import attribution as A
+    from tinyinterp import evaluate as E
+    from tinyinterp import planted
+    from tinyinterp import testing as T
+
+    circuits = E._circuits(3, 0, with_tracr=False)
+    methods = {"gradient_x_input": A.gradient_x_input, "occlusion": E._occlusion}
+    got = E._circuit_attributions(methods, circuits, devices=2)
+    for name, method in methods.items():
+        for (_, model, toks, metric, _), (a, ms) in zip(circuits, got[name], strict=True):
+            np.testing.assert_allclose(a, T.attributions(method, model, toks, metric), rtol=1e-6,
+                                       atol=1e-6, err_msg=name)
+            assert np.isfinite(ms) and ms > 0
+    lm = planted.linear_model(n_layers=2, n_heads=2, placement=(0, 1), n_features=5, n_chosen=2,
+                              seed=1, attention_backend="xla")
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, lm.cfg.d_vocab, (3, lm.cfg.n_ctx)))
+    args = (lm, toks, A.logit(0), A.logit(1))
+    assert (E._check_all(functools.partial(E._occlusion, devices=2), *args)
+            == E._check_all(E._occlusion, *args))
+
+
 def test_attribution_sharded():
     """Item 1/6: integrated gradients (points split over two devices) and occlusion / feature
     ablation (variants split) equal one device."""

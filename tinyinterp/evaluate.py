@@ -152,7 +152,7 @@ def head_scores(name: str, model, tokens, metric, devices=None) -> np.ndarray:
 def _check_all(method, lm, tokens, metric, metric_b) -> dict[str, bool | None]:
     dummy = np.zeros(lm.cfg.d_model, bool)
     dummy[list(lm.ground_truth.info["dummy"])] = True
-    per_position_only = method is _occlusion
+    per_position_only = getattr(method, "func", method) is _occlusion  # also with devices=
     out = {}
     kw = dict(raise_on_failure=False)
     model = lm.model
@@ -224,21 +224,73 @@ def _tracr_circuits():
              conv.ground_truth.head_mask())]
 
 
+def _circuit_attributions(methods: dict, circuits, devices) -> dict:
+    """{method: [per circuit: (attributions [batch, ...] float64, ms per explanation), or None
+    where no other circuit shares its shape]}. The circuits of one shape (config, tokens,
+    metric) are stacked on a sweep axis split over ``devices``: each method runs ONCE per group,
+    vmapped over the stacked models (``sweeps.map_sweep``; a method's inner sweeps then run
+    whole on each device). Each circuit's attributions are computed as alone, so they equal the
+    one-device loop's. The time is the group's timed call (compiled first; placing, running,
+    fetching) divided by its explanations (circuits x sequences): wall time per explained
+    sequence, as on one device, with the devices working at once."""
+    from tinyinterp import sweeps
+
+    groups: dict = {}
+    for i, (_, model, toks, metric, _) in enumerate(circuits):
+        shape = (model.cfg, jax.tree.structure((model, metric)), jnp.shape(toks),
+                 tuple(jnp.shape(x) for x in jax.tree.leaves((model, metric))))
+        groups.setdefault(shape, []).append(i)
+    out: dict[str, list] = {name: [None] * len(circuits) for name in methods}
+    for members in groups.values():
+        if len(members) == 1:  # nothing to stack: left to the loop (its inner sweeps split)
+            continue
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *[
+            (circuits[i][1], jnp.asarray(circuits[i][2]), circuits[i][3]) for i in members])
+        n_explained = len(members) * int(np.shape(circuits[members[0]][2])[0])
+        for name, method in methods.items():
+            fn = jax.vmap(functools.partial(_values_of, method))
+            sweeps.map_sweep(fn, stacked, 0, devices, key=("evaluate_methods", method))  # compiled
+            t0 = time.perf_counter()
+            a = np.asarray(sweeps.map_sweep(fn, stacked, 0, devices,
+                                            key=("evaluate_methods", method)), np.float64)
+            ms = 1e3 * (time.perf_counter() - t0) / n_explained  # a: [circuit, batch, ...]
+            for j, i in enumerate(members):
+                out[name][i] = (a[j], ms)
+    return out
+
+
+def _values_of(method, model, tokens, metric):
+    """The array of ``method``'s result (an Attribution's ``values``, or the array itself)."""
+    out = method(model, tokens, metric)
+    return getattr(out, "values", out)
+
+
 def evaluate_methods(n_models: int = 3, seed: int = 0, with_tracr: bool = True,
                      devices=None) -> dict:
     """{"properties": {method: {property: pass rate or None}}, "recovery": {method: mean AUROC},
     "aopc": {method: mean deletion AOPC}, "time_ms": {method: median ms per explanation},
-    "n_models": ..., "circuits": [names]}. ``devices`` (a count, a Mesh or a list of devices):
-    the sweeps inside the methods (integrated gradients' points, occlusion's variants, the
-    ablation of every head) split over several devices or hosts (``tinyinterp.sweeps``); the
-    models and circuits are visited in turn."""
+    "n_models": ..., "circuits": [names]}.
+
+    ``devices`` (a count, a Mesh or a list of devices) splits work over several devices or hosts
+    (``tinyinterp.sweeps``); one device (the default) runs everything in turn, as always:
+    - the circuits (recovery and AOPC): every method's attributions on the circuits of one
+      shape (the planted circuits share one config) run as ONE program over the stacked
+      circuits, split over the devices (``_circuit_attributions``); the time per explanation is
+      then the group's call divided by its explanations. A circuit alone in its shape (the
+      tracr program) runs in turn, its methods' inner sweeps split.
+    - what stays in turn, per model or circuit: the property checks (host-side logic: each
+      check builds its own model variants and compares numpy results; only the sweeps inside
+      the methods they call, integrated gradients' points and occlusion's variants, split),
+      the head scores for recovery (their caches are read by layer index on the host, not
+      traceable; zero-ablation's sweep of every head splits), and the deletion curves (host
+      orderings). Values equal the one-device run's."""
     from tinyinterp import planted, sweeps
 
     rng = np.random.default_rng(seed)
-    methods = {**METHODS, **BROKEN}
-    if sweeps.sweep_mesh(devices) is not None:
-        methods.update({"integrated_gradients": functools.partial(_ig, devices=devices),
-                        "occlusion": functools.partial(_occlusion, devices=devices)})
+    split = sweeps.sweep_mesh(devices) is not None
+    base = {**METHODS, **BROKEN}
+    methods = {name: functools.partial(m, devices=devices) if split and m in (_ig, _occlusion)
+               else m for name, m in base.items()}  # their inner sweeps split
     props = {m: {p: [] for p in PROPERTIES} for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     # one config for every linear model (compiled programs are reused); weights, the chosen
@@ -257,15 +309,20 @@ def evaluate_methods(n_models: int = 3, seed: int = 0, with_tracr: bool = True,
     circuits = _circuits(n_models, seed, with_tracr)
     recovery: dict[str, list[float]] = {m: [] for m in (*COMPONENT_METHODS, *BROKEN)}
     aopc: dict[str, list[float]] = {m: [] for m in methods}
-    for _, model, toks, metric, mask in circuits:
+    attrs = _circuit_attributions(base, circuits, devices) if split else None
+    for i, (_, model, toks, metric, mask) in enumerate(circuits):
         for name in recovery if mask is not None else ():
             recovery[name].append(T.recovery_scores(
                 head_scores(name, model, toks, metric, devices), mask)[1])
         for name, method in methods.items():
-            method(model, toks, metric)  # compiled before it is timed
-            t0 = time.perf_counter()
-            a = T.attributions(method, model, toks, metric)
-            times[name].append(1e3 * (time.perf_counter() - t0) / toks.shape[0])
+            if attrs is not None and attrs[name][i] is not None:  # split with its group
+                a, ms = attrs[name][i]
+            else:
+                method(model, toks, metric)  # compiled before it is timed
+                t0 = time.perf_counter()
+                a = T.attributions(method, model, toks, metric)
+                ms = 1e3 * (time.perf_counter() - t0) / toks.shape[0]
+            times[name].append(ms)
             score = (np.sqrt((a * a).sum(-1)) if name == "saliency" and a.ndim == 3
                      else T.per_position(a) if a.ndim > 2 else a)
             curves = T.faithfulness_curves(model, toks, metric, score, baseline_token=0)
