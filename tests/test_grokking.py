@@ -160,6 +160,19 @@ def test_training_is_deterministic_and_keeps_the_missing_biases_at_zero():
         g.GrokkingConfig(eval_every=30, snapshot_every=100)
 
 
+def test_label_is_top_is_argmax_accuracy_with_ties_counted():
+    """The training step's accuracy: argmax == label on untied rows (random logits, large and
+    negative ones included); a label tied for the largest logit counts as correct."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 7)).astype(np.float32) * np.float32(50.0)
+    labels = rng.integers(0, 7, 200).astype(np.int32)
+    got = np.asarray(g.label_is_top(jnp.asarray(logits), jnp.asarray(labels)))
+    np.testing.assert_array_equal(got, (logits.argmax(-1) == labels).astype(np.float32))
+    tied = np.asarray(g.label_is_top(jnp.asarray([[1.0, 3.0, 3.0], [3.0, 3.0, 1.0]]),
+                                     jnp.asarray([2, 0])))
+    np.testing.assert_array_equal(tied, [1.0, 1.0])  # argmax would say [0, 1]
+
+
 def test_phases_on_synthetic_curves():
     """The phase marks read the curves they are given (no training): memorisation ends at the
     test-loss peak, cleanup starts at half the peak, ends at 99% test accuracy."""
