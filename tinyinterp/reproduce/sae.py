@@ -35,6 +35,10 @@ def settings(quick: bool) -> dict:
             toy=dict(n_features=20, n_hidden=5, prob=0.05, steps=3000, toy_batch=256,
                      d_sae=20, l1=0.01, sae_steps=1000, sae_batch=256),
         )
+    # 8000 steps: the sweep is matmul-bound (~38 T multiply-adds), and no shorter schedule
+    # measured (2000-4000 steps, lr 3e-3 to 2e-2, warm-up, resampling every 100-250 steps from
+    # 16-64 batches, batch 64) stays within the full run's seed spread (README, SAE row;
+    # ``python benchmarks/sae.py --recipe STEPS``)
     return dict(
         gt=dict(d=256, n_features=512, avg_active=5.0, decay=0.99),
         lambdas=[0.01, 0.05, 0.1, 0.3, 1.0], dict_sizes=[256, 512, 1024], steps=8000,
