@@ -233,30 +233,40 @@ def _circuit_attributions(methods: dict, circuits, devices) -> dict:
     one-device loop's. The time is the group's timed call (compiled first; placing, running,
     fetching) divided by its explanations (circuits x sequences): wall time per explained
     sequence, as on one device, with the devices working at once."""
-    from tinyinterp import sweeps
+    out: dict[str, list] = {name: [None] * len(circuits) for name in methods}
+    for members, stacked in _circuit_groups(circuits):
+        n_explained = len(members) * int(np.shape(circuits[members[0]][2])[0])
+        for name, method in methods.items():
+            _stacked_attributions(method, stacked, devices)  # compiled before it is timed
+            t0 = time.perf_counter()
+            a = _stacked_attributions(method, stacked, devices)  # [circuit, batch, ...]
+            ms = 1e3 * (time.perf_counter() - t0) / n_explained
+            for j, i in enumerate(members):
+                out[name][i] = (a[j], ms)
+    return out
 
+
+def _circuit_groups(circuits) -> list[tuple[list[int], tuple]]:
+    """[(indices, (models, tokens, metrics) stacked on a leading circuit axis)] for every shape
+    (config, tokens, metric) that two or more of ``circuits`` share."""
     groups: dict = {}
     for i, (_, model, toks, metric, _) in enumerate(circuits):
         shape = (model.cfg, jax.tree.structure((model, metric)), jnp.shape(toks),
                  tuple(jnp.shape(x) for x in jax.tree.leaves((model, metric))))
         groups.setdefault(shape, []).append(i)
-    out: dict[str, list] = {name: [None] * len(circuits) for name in methods}
-    for members in groups.values():
-        if len(members) == 1:  # nothing to stack: left to the loop (its inner sweeps split)
-            continue
-        stacked = jax.tree.map(lambda *a: jnp.stack(a), *[
-            (circuits[i][1], jnp.asarray(circuits[i][2]), circuits[i][3]) for i in members])
-        n_explained = len(members) * int(np.shape(circuits[members[0]][2])[0])
-        for name, method in methods.items():
-            fn = jax.vmap(functools.partial(_values_of, method))
-            sweeps.map_sweep(fn, stacked, 0, devices, key=("evaluate_methods", method))  # compiled
-            t0 = time.perf_counter()
-            a = np.asarray(sweeps.map_sweep(fn, stacked, 0, devices,
-                                            key=("evaluate_methods", method)), np.float64)
-            ms = 1e3 * (time.perf_counter() - t0) / n_explained  # a: [circuit, batch, ...]
-            for j, i in enumerate(members):
-                out[name][i] = (a[j], ms)
-    return out
+    return [(members, jax.tree.map(lambda *a: jnp.stack(a), *[
+        (circuits[i][1], jnp.asarray(circuits[i][2]), circuits[i][3]) for i in members]))
+        for members in groups.values() if len(members) > 1]
+
+
+def _stacked_attributions(method, stacked, devices) -> np.ndarray:
+    """``method`` on stacked circuits (``_circuit_groups``), vmapped over them and split over
+    ``devices``: [circuit, batch, ...] float64."""
+    from tinyinterp import sweeps
+
+    fn = jax.vmap(functools.partial(_values_of, method))
+    return np.asarray(sweeps.map_sweep(fn, stacked, 0, devices, key=("evaluate_methods", method)),
+                      np.float64)
 
 
 def _values_of(method, model, tokens, metric):
