@@ -319,6 +319,36 @@ def test_random_permutations_are_uniform_permutations(seed, n):
             assert chi2 < (n - 1) + 6 * np.sqrt(2 * (n - 1)), (place, counts)  # ~6 sigma
 
 
+def test_repeated_tokens_loss_weights_and_no_filler_without_bos():
+    """answer_weight / early_weight: loss_mask holds float weights (early_weight on the answers
+    before early_end, answer_weight on the later ones, 1 elsewhere), so the task's loss is the
+    weighted mean; no_filler_no_bos sets the no-filler share of the rows without BOS only; the
+    tokens and masks are those of the unweighted task from the same key."""
+    kw = dict(d_vocab=64, length=32, n_repeats=2, min_length=8, filler="mixed", sampling="mixed",
+              bos="mixed", no_filler=0.5)
+    plain = jax.device_get(get_task("induction", **kw).sample(jax.random.key(2), 2000))
+    task = get_task("induction", **kw, answer_weight=2.0, early_weight=6.0, early_end=16)
+    b = jax.device_get(task.sample(jax.random.key(2), 2000))
+    for k in ("tokens", "answer_mask", "first_mask"):
+        np.testing.assert_array_equal(b[k], plain[k])
+    w, am = b["loss_mask"], b["answer_mask"]
+    assert w.dtype == np.float32 and plain["loss_mask"].dtype == bool
+    i = np.broadcast_to(np.arange(w.shape[1]), w.shape)
+    np.testing.assert_array_equal(w, np.where(am, np.where(i < 16, 6.0, 2.0), 1.0))
+    assert am[:, :16].any()  # some early answers exist to weight
+    logits = jax.random.normal(jax.random.key(3), (8, 65, 64))
+    nll = np.asarray(per_token_loss(logits, b["tokens"][:8]), np.float64)
+    want = (nll * w[:8]).sum() / w[:8].sum()
+    np.testing.assert_allclose(float(task.loss(logits, {k: v[:8] for k, v in b.items()})), want,
+                               rtol=1e-5)
+    for bos, share in ((False, 0.95), (True, 0.5)):  # no_filler_no_bos, or no_filler with BOS
+        nb = jax.device_get(get_task("induction", **{**kw, "bos": bos}, no_filler_no_bos=0.95)
+                            .sample(jax.random.key(4), 2000))
+        starts = np.array([_segment_from_masks(r, a, f)[0] - bos for r, a, f in
+                           zip(nb["tokens"], nb["answer_mask"], nb["first_mask"], strict=True)])
+        assert abs(np.mean(starts == 0) - share) < 0.035, (bos, np.mean(starts == 0))
+
+
 def test_repeated_tokens_sampling_errors():
     with pytest.raises(ValueError, match="token 0"):
         get_task("induction", min_length=8, sampling="replacement", filler="pad")
@@ -336,3 +366,14 @@ def test_repeated_tokens_sampling_errors():
         get_task("induction", min_length=8, filler="mixed", no_filler=1.0)
     with pytest.raises(ValueError, match="distinct ids"):
         get_task("induction", d_vocab=16, min_length=8, filler="mixed", sampling="mixed")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="answer_weight"):
+            get_task("induction", min_length=8, filler="mixed", answer_weight=bad)
+    with pytest.raises(TypeError, match="early_weight"):
+        get_task("induction", min_length=8, filler="mixed", early_weight="2")
+    with pytest.raises(ValueError, match="no_filler_no_bos"):
+        get_task("induction", min_length=8, filler="mixed", no_filler_no_bos=1.0)
+    with pytest.raises(ValueError, match="early_end"):
+        get_task("induction", min_length=8, filler="mixed", early_end=-1)
+    with pytest.raises(ValueError, match="min_length"):  # weights need a varying period
+        get_task("induction", answer_weight=2.0)

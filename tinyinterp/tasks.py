@@ -6,7 +6,8 @@ so the training loop can generate each step's data inside its compiled loop:
     batch["tokens"]       int32 [batch, pos]       the sequences
     batch["loss_mask"]    bool  [batch, pos - 1]   which next-token predictions the loss counts:
                                                    entry i is the prediction of tokens[:, i + 1]
-                                                   made at position i
+                                                   made at position i (float32 weights, a
+                                                   weighted mean, where a task weights them)
     batch["answer_mask"]  bool  [batch, pos - 1]   which predictions are determined by the context
                                                    (what ``accuracy`` scores)
 
@@ -50,6 +51,14 @@ The tasks (``get_task(name, **options)``; ``TASKS`` lists the names and their op
     time and fails it. "replacement" and "mixed" need a filler other than "pad" (0 is a token).
     ``bos="mixed"`` (with ``min_length``): about half the sequences start with BOS (token 0), the
     others have one more token of the body at the end, so both kinds fill the same ``seq_len``.
+    ``no_filler_no_bos`` (with ``min_length``; default None: ``no_filler``) is the no-filler
+    fraction of the sequences without BOS. ``answer_weight`` and ``early_weight`` (default 1)
+    weight the loss: the predictions made inside a repeat count ``answer_weight`` times, those
+    of them made before position ``early_end`` (default 16) ``early_weight`` times, every other
+    prediction once (``loss_mask`` is then float32 weights; the loss is the weighted mean). Why
+    (the induction-heads reproduction): the first repeat's first predictions, with the segment
+    at position 0 or 1 next to the position-0 attention sink, are a few of the 64 predictions of
+    a sequence and were still 1.5-3 nats off after training without them.
 ``copy`` / ``reverse`` / ``sort``
     ``x_0 .. x_{n-1} SEP y_0 .. y_{n-1}`` with ``x`` uniform in ``[0, n_symbols)``, ``SEP =
     n_symbols`` (so ``d_vocab = n_symbols + 1``) and ``y`` = ``x``, ``x`` reversed, or ``x`` sorted
@@ -107,7 +116,8 @@ class Task:
         return self.sampler(key, batch_size)
 
     def loss(self, logits: Float[Array, "batch pos vocab"], batch: Batch) -> Float[Array, ""]:
-        """Mean next-token cross-entropy over ``batch["loss_mask"]`` positions."""
+        """Mean next-token cross-entropy over ``batch["loss_mask"]`` positions (weighted by it
+    where it holds weights)."""
         return masked_mean(per_token_loss(logits, batch["tokens"]), batch["loss_mask"])
 
     def accuracy(self, logits: Float[Array, "batch pos vocab"], batch: Batch) -> Float[Array, ""]:
@@ -154,8 +164,10 @@ def correct_predictions(logits: Float[Array, "batch pos vocab"],
     return jnp.argmax(logits[:, :-1], axis=-1).astype(jnp.int32) == tokens[:, 1:]
 
 
-def masked_mean(x: Float[Array, "*s"], mask: Bool[Array, "*s"]) -> Float[Array, ""]:
-    """Mean of ``x`` over the True entries of ``mask`` (0 when the mask is empty)."""
+def masked_mean(x: Float[Array, "*s"],
+                mask: Bool[Array, "*s"] | Float[Array, "*s"]) -> Float[Array, ""]:
+    """Mean of ``x`` over the True entries of ``mask``, or weighted by a float ``mask`` (0 when
+    the mask is empty)."""
     m = mask.astype(x.dtype)
     return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), jnp.asarray(1.0, x.dtype))
 
@@ -219,23 +231,28 @@ def _masks(batch_size: int, loss: np.ndarray, answer: np.ndarray) -> dict[str, j
 
 def _repeated_tokens(d_vocab: int, length: int, n_repeats: int, bos: bool | str, loss_on: str,
                      min_length: int = 0, filler: str = "pad", sampling: str = "distinct",
-                     no_filler: float = 0.5):
+                     no_filler: float = 0.5, no_filler_no_bos: float | None = None,
+                     answer_weight: float = 1.0, early_weight: float = 1.0, early_end: int = 16):
     o = 1 if bos else 0
     seq_len = o + length * n_repeats
     if min_length > length:
         raise ValueError(f"task 'repeated_tokens': min_length={min_length} must be <= "
                          f"length={length} (0 turns it off)")
-    mixed = sampling != "distinct" or bos == "mixed" or no_filler != 0.5
+    weighted = (no_filler_no_bos, answer_weight, early_weight) != (None, 1.0, 1.0)
+    mixed = sampling != "distinct" or bos == "mixed" or no_filler != 0.5 or weighted
     if min_length in (0, length) and mixed:
-        raise ValueError(f"task 'repeated_tokens': sampling={sampling!r}, bos={bos!r} and "
-                         f"no_filler={no_filler} apply to a varying period; set min_length "
+        raise ValueError(f"task 'repeated_tokens': sampling={sampling!r}, bos={bos!r}, "
+                         f"no_filler={no_filler}, no_filler_no_bos={no_filler_no_bos}, "
+                         f"answer_weight={answer_weight} and early_weight={early_weight} apply "
+                         f"to a varying period; set min_length "
                          f"(1 <= min_length < length={length}), or "
                          "use the defaults sampling='distinct', no_filler=0.5 and bos=True/False "
                          "(a fixed period "
                          "already draws its tokens with replacement)")
     if min_length not in (0, length) and mixed:
         return _mixed_repeated_tokens(d_vocab, length, n_repeats, bos, loss_on, min_length,
-                                      filler, sampling, no_filler)
+                                      filler, sampling, no_filler, no_filler_no_bos,
+                                      answer_weight, early_weight, early_end)
     if min_length in (0, length):
         answer = np.arange(seq_len - 1) >= o + length
         first = np.arange(seq_len - 1) < o + length - 1
@@ -302,10 +319,13 @@ def _repeated_tokens(d_vocab: int, length: int, n_repeats: int, bos: bool | str,
 
 def _mixed_repeated_tokens(d_vocab: int, length: int, n_repeats: int, bos: bool | str,
                            loss_on: str, min_length: int, filler: str, sampling: str,
-                           no_filler: float):
-    """The varying-period sampler with ``sampling`` "replacement"/"mixed" or ``bos="mixed"``
-    (see the module docstring). Every sequence is a body of ``seq_len`` tokens (filler, then the
-    segment repeated cyclically to the end); a BOS row is ``[0] + body[:-1]``."""
+                           no_filler: float, no_filler_no_bos: float | None = None,
+                           answer_weight: float = 1.0, early_weight: float = 1.0,
+                           early_end: int = 16):
+    """The varying-period sampler with ``sampling`` "replacement"/"mixed", ``bos="mixed"``,
+    ``no_filler_no_bos`` or loss weights (see the module docstring). Every sequence is a body of
+    ``seq_len`` tokens (filler, then the segment repeated cyclically to the end); a BOS row is
+    ``[0] + body[:-1]``."""
     o = 1 if bos else 0
     body = length * n_repeats
     seq_len = o + body
@@ -338,14 +358,20 @@ def _mixed_repeated_tokens(d_vocab: int, length: int, n_repeats: int, bos: bool 
                 with_replacement = jax.random.bernoulli(k_kind, 0.5, (batch_size, 1))
                 pool = jnp.where(with_replacement, draws, pool)  # [batch, n_pool]
         n_body = seq_len  # the body fills the whole sequence; a BOS row drops its last token
+        if bos == "mixed":
+            has_bos = jax.random.bernoulli(k_bos, 0.5, (batch_size, 1))  # [batch, 1]
+        else:
+            has_bos = jnp.full((batch_size, 1), bool(bos))
+        nf = no_filler if no_filler_no_bos is None else jnp.where(has_bos, no_filler,
+                                                                   no_filler_no_bos)  # [batch, 1]
         if filler == "repeat":
             start = jnp.zeros_like(seg_len)
         elif filler == "mixed":  # no filler for no_filler of the sequences, else uniform
             most = n_repeats * (length - seg_len)  # [batch, 1]
             u = jax.random.uniform(k_start, (batch_size, 1))  # [batch, 1]
-            amount = jnp.floor((u - no_filler) / (1.0 - no_filler) *
+            amount = jnp.floor((u - nf) / (1.0 - nf) *
                                most.astype(jnp.float32)).astype(jnp.int32) + 1
-            start = jnp.where(u < no_filler, 0, jnp.minimum(amount, most))
+            start = jnp.where(u < nf, 0, jnp.minimum(amount, most))
         else:  # "pad" / "distinct": the segment ends exactly n_repeats periods after its start
             start = n_repeats * (length - seg_len)  # [batch, 1]
         j = jnp.arange(n_body, dtype=jnp.int32)[None, :]  # [1, body]
@@ -356,7 +382,6 @@ def _mixed_repeated_tokens(d_vocab: int, length: int, n_repeats: int, bos: bool 
         if filler == "pad":
             tokens = jnp.where(in_seg, tokens, PAD)
         if bos == "mixed":
-            has_bos = jax.random.bernoulli(k_bos, 0.5, (batch_size, 1))  # [batch, 1]
             shifted = jnp.concatenate([jnp.full((batch_size, 1), PAD, jnp.int32),
                                        tokens[:, :-1]], axis=1)  # [batch, seq_len]
             tokens = jnp.where(has_bos, shifted, tokens)
@@ -372,6 +397,9 @@ def _mixed_repeated_tokens(d_vocab: int, length: int, n_repeats: int, bos: bool 
         answer = i >= s0 + seg_len  # made at a token inside a repeat
         first = (i >= s0 - 1) & (i < s0 + seg_len - 1)  # of a first-segment token
         loss = jnp.ones_like(answer) if loss_on == "all" else answer
+        if answer_weight != 1.0 or early_weight != 1.0:  # float weights instead of a bool mask
+            w = jnp.where(i < early_end, early_weight, answer_weight)  # [1, seq_len - 1]
+            loss = jnp.where(answer, w, loss.astype(jnp.float32))  # [batch, seq_len - 1]
         return {"tokens": tokens, "loss_mask": loss, "answer_mask": answer, "first_mask": first}
 
     return sample, seq_len, d_vocab
@@ -415,7 +443,8 @@ TASKS: dict[str, tuple[Callable, dict[str, Any]]] = {
     "repeated_tokens": (_repeated_tokens,
                         {"d_vocab": 64, "length": 32, "n_repeats": 2, "bos": False,
                          "loss_on": "all", "min_length": 0, "filler": "pad",
-                         "sampling": "distinct", "no_filler": 0.5}),
+                         "sampling": "distinct", "no_filler": 0.5, "no_filler_no_bos": None,
+                         "answer_weight": 1.0, "early_weight": 1.0, "early_end": 16}),
     "copy": (lambda **o: _seq2seq("copy", **o), {"n_symbols": 16, "length": 8}),
     "reverse": (lambda **o: _seq2seq("reverse", **o), {"n_symbols": 16, "length": 8}),
     "sort": (lambda **o: _seq2seq("sort", **o), {"n_symbols": 16, "length": 8}),
@@ -424,7 +453,9 @@ TASKS: dict[str, tuple[Callable, dict[str, Any]]] = {
 ALIASES = {"induction": "repeated_tokens", "repeat": "repeated_tokens", "modadd": "modular_addition",
            "addition": "modular_addition"}
 
-_MIN = {"d_vocab": 2, "length": 1, "n_repeats": 2, "n_symbols": 2, "p": 2, "min_length": 0}
+_MIN = {"d_vocab": 2, "length": 1, "n_repeats": 2, "n_symbols": 2, "p": 2, "min_length": 0,
+        "early_end": 0}
+_WEIGHTS = ("answer_weight", "early_weight")  # loss weights: positive numbers, not fractions
 
 
 def _check_option(task: str, name: str, value: Any, default: Any) -> Any:
@@ -433,6 +464,10 @@ def _check_option(task: str, name: str, value: Any, default: Any) -> Any:
             raise ValueError(f"task {task!r}: option bos must be True, False or 'mixed', "
                              f"got {value!r}")
         return value
+    if name == "no_filler_no_bos" and value is None:
+        return None
+    if name in ("no_filler_no_bos", *_WEIGHTS):
+        default = 0.5  # a number, checked below (a fraction, or a weight)
     if isinstance(default, bool):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"task {task!r}: option {name} must be a bool, got {value!r}")
@@ -447,6 +482,11 @@ def _check_option(task: str, name: str, value: Any, default: Any) -> Any:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
                                                                           np.floating)):
             raise TypeError(f"task {task!r}: option {name} must be a number, got {value!r}")
+        if name in _WEIGHTS:
+            if not 0.0 < float(value) < float("inf"):  # NaN fails too
+                raise ValueError(f"task {task!r}: option {name} is a loss weight and must be a "
+                                 f"positive finite number, got {value!r}")
+            return float(value)
         if not 0.0 <= float(value) < 1.0:  # NaN fails too
             raise ValueError(f"task {task!r}: option {name} is a fraction of the sequences and "
                              f"must be in [0, 1), got {value!r}")
