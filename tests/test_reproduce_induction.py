@@ -25,15 +25,12 @@ def test_reproduce_induction_heads_quick_finds_the_circuit(quick_run):
     from tinyinterp.reproduce import induction as rep
 
     tmp_path, report = quick_run
-    layout_target = "every layout within the induction predictor's loss"
-    failed = {n: c for n, c in report["checks"].items() if not c["holds"] and n != layout_target}
+    failed = {n: c for n, c in report["checks"].items() if not c["holds"]}
     assert not failed, failed
-    # the layouts: measured (seed 0, 1500 steps) every period >= 13 meets its target, with and
-    # without replacement and BOS, 2-4 repeats; see test_every_layout_meets_its_target for the rest
+    assert "every layout within the induction predictor's loss" in report["checks"]
+    # the layouts' targets: test_every_layout_meets_its_target
     lay = report["layouts"]
     assert lay["n_layouts"] == 192
-    long_periods = [r for r in lay["results"] if r["period"] >= 13]
-    assert rep.layout_check(long_periods)["n_failing"] == 0, rep.layout_check(long_periods)
     on_disk_layouts = json.loads((tmp_path / "report.json").read_text())["layouts"]
     assert on_disk_layouts["n_layouts"] == 192
     p, i, k = report["previous_token_head"], report["induction_head"], report["k_composition"]
@@ -119,10 +116,11 @@ def test_layout_check_targets():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 19 s.1 target not met yet: at periods 8-12 the "
-                   "early positions (the first repeat's first prediction, key at position 1-2, and "
-                   "the queries before ~16) leave 0.05-0.26 nats too much after 1500 steps")
 def test_every_layout_meets_its_target(quick_run):
+    """Every one of the 192 held-out layouts (with and without replacement and BOS, periods 8-32,
+    2-4 repeats) within 0.15 nats of the best induction predictor, below 0.05 where its loss is
+    0 (measured, issue 19 session 10: none failing on seeds 0-3; 14 on seed 0 before the loss
+    weights)."""
     _, report = quick_run
     assert report["layouts"]["n_failing"] == 0, report["layouts"]["failing"]
 
@@ -133,8 +131,8 @@ def test_seeds_train_as_one_program_and_report_each(tmp_path):
     phase-change step, and the report says so."""
     from tinyinterp.reproduce import induction as rep
 
-    # 600 steps: the phase change comes at ~215 (measured: seeds 0 and 1 at 215 and 214, both
-    # forming the circuit); the layouts' targets need the full 1500 (not asserted here)
+    # 600 steps: the phase change comes at ~190 (measured at 1500 steps: seeds 0 and 1 at 189 and
+    # 188, both forming the circuit); the layouts' targets need the full 1500 (not asserted here)
     report = rep.run_seeds(tmp_path, 2, seed=0, steps=600, verbose=False)
     assert [r["seed"] for r in report["per_seed"]] == [0, 1]
     assert report["fraction_circuit_formed"] == 1.0, report["per_seed"]

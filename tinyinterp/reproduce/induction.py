@@ -8,12 +8,22 @@ finds the phase change, scores every head and writes the checkpoint, report.json
 report.md to ``out_dir``.
 
 The training data (task ``repeated_tokens`` with ``min_length``, ``filler="mixed"``,
-``sampling="mixed"``, ``bos="mixed"``; ``training_task``): each sequence is a BOS (token 0) for
-half of them, then a random number of filler tokens (none for 75%), then a segment of L random
-tokens (L uniform in [MIN_LENGTH, 32]) repeated up to the end of the 65-token context; for half the
+``sampling="mixed"``, ``bos="mixed"``, ``no_filler_no_bos`` and loss weights; ``training_task``):
+each sequence is a BOS (token 0) for half of them, then a random number of filler tokens (none for
+75% of the sequences with BOS and 95% of those without), then a segment of L random tokens (L
+uniform in [MIN_LENGTH, 32]) repeated up to the end of the 65-token context; for half the
 sequences the tokens are drawn with replacement from every id (0 included, so a token may recur
 inside the segment, as in TransformerLens' and ARENA's test of induction), for the others they are
-all distinct. The loss counts every prediction. Why not the classic fixed ``x_0 .. x_31 x_0 ..
+all distinct. The loss counts every prediction: weight 2 inside a repeat, 6 inside a repeat before
+position 16, 1 elsewhere. Why the weights and the no-BOS no-filler share: with a plain mean the
+first prediction of the first repeat at a segment starting at position 0 or 1 (its key right
+after the position-0 attention sink; without BOS, position 0 is the segment's first token, whose
+own previous-token output says "after t0" like the real key's) stayed 1.5-3 nats off after 1500
+steps, and 14-26 of the 192 layouts below missed their target on seeds 0-3, all at periods 8-16
+(issue 19, session 10: weighting the early answers alone 4x left 2 and 60 failing on seeds 1-2,
+the circuit lost on seed 2; 8x on the first answer alone formed no circuit; more sequences without
+BOS or filler alone, or answer weight 2 alone, left 4-13; with all three none fail on seeds 0-3).
+Why not the classic fixed ``x_0 .. x_31 x_0 ..
 x_31``: with a constant period a single layer-0 head solves it from positions alone (attend 31
 back and copy; measured: repeated-half loss 0.005 with no previous-token or induction head). With
 left padding instead of filler the model can read the period off the amount of padding, which
@@ -70,11 +80,12 @@ DEFAULT_CONFIG = TransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16,
 # BOS on half the sequences and a varying period; on it the phase change comes at ~200-300 steps,
 # and what takes the longest is the early positions: the first prediction of the first repeat
 # (its key at position 1 or 2, right after the position-0 attention sink) and the queries before
-# ~16, 0.2-1.5 and 0.02-0.25 nats above the best induction predictor after 1500 steps (the
-# layer-1 heads park early queries on the position-0 attention sink). lr 5e-3 with a cosine
+# ~16 (the layer-1 heads park early queries on the position-0 attention sink); the loss weights
+# (the module docstring) bring them within the layouts' targets in 1500 steps. lr 5e-3 with a cosine
 # decay and 1500 steps (measured with periods from 4, seeds 0 and 1: 2000 steps bring the worst
 # distinct-token layout from 0.098 to 0.072 nats; lr 7e-3 or weight decay 0.01 are worse on
-# seed 0, lr 1e-2 does not learn);
+# seed 0, lr 1e-2 does not learn; weight decay 0, session 10 with periods from 8: 62 and 24
+# layouts failing on seeds 1 and 2, against 26 and 23 with 0.1);
 # quick=True (CI) stops earlier. No evaluation inside training (eval_batches 0): the report
 # scores the model on its own held-out sequences, and the final eval's program cost seconds of
 # the 30 s budget (it was compiled anew in every run until session 9's FFI fix) for numbers
@@ -85,7 +96,10 @@ DEFAULT_TRAIN = TrainConfig(steps=1500, batch_size=64, lr=5e-3, warmup_steps=100
 QUICK_STEPS = 1500
 SEQ_LEN, N_REPEATS = 32, 2
 MIN_LENGTH, FILLER, LOSS_ON = 8, "mixed", "all"  # why not shorter: the module docstring
-SAMPLING, BOS, NO_FILLER = "mixed", "mixed", 0.75
+SAMPLING, BOS, NO_FILLER, NO_FILLER_NO_BOS = "mixed", "mixed", 0.75, 0.95
+# the loss weights: 2 on every prediction inside a repeat, 6 on those made before position 16 (the
+# first repeat's early queries), 1 on the rest (why: the module docstring)
+ANSWER_WEIGHT, EARLY_WEIGHT, EARLY_END = 2.0, 6.0, 16
 THRESHOLDS = {"previous_token": 0.5, "induction": 0.5, "repeated_loss": 0.05}
 LAYOUT_GAP, LAYOUT_ZERO_LOSS = 0.15, 0.05  # the layout targets (nats; see layout_check)
 
@@ -94,7 +108,8 @@ def training_task(cfg: TransformerConfig = DEFAULT_CONFIG):
     """The training distribution (task ``repeated_tokens``): see the module docstring."""
     return get_task("repeated_tokens", d_vocab=cfg.d_vocab, length=SEQ_LEN, n_repeats=N_REPEATS,
                     min_length=MIN_LENGTH, filler=FILLER, loss_on=LOSS_ON, sampling=SAMPLING,
-                    bos=BOS, no_filler=NO_FILLER)
+                    bos=BOS, no_filler=NO_FILLER, no_filler_no_bos=NO_FILLER_NO_BOS,
+                    answer_weight=ANSWER_WEIGHT, early_weight=EARLY_WEIGHT, early_end=EARLY_END)
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -360,12 +375,16 @@ def _markdown(report: dict) -> str:
         f"{report['config']['d_vocab']}) trained for {report['train']['steps']} steps (seed "
         f"{report['train']['seed']}, attention backend {report['attention_backend']}) on "
         f"repeated random tokens with a random period: a BOS on half the sequences, then a "
-        f"random number of filler tokens (none for {NO_FILLER:.0%} of the sequences), then L "
+        f"random number of filler tokens (none for {NO_FILLER:.0%} of the sequences with BOS, "
+        f"{NO_FILLER_NO_BOS:.0%} of the others), then L "
         f"random tokens (L uniform in [{MIN_LENGTH}, {SEQ_LEN}]) repeated to the end of the "
         f"context; the tokens, every id 0 included, are drawn with replacement (so a token may "
         f"recur inside the segment) for half the sequences and all distinct for the others (a "
         f"fixed period lets one head solve the task from positions alone, with no induction "
-        f"circuit). Wall time {report['timing']['total_s']:.1f} s.", "",
+        f"circuit). The loss weighs the predictions inside a repeat {ANSWER_WEIGHT:g}x, those "
+        f"before position {EARLY_END} {EARLY_WEIGHT:g}x (the first repeat's early queries, next "
+        f"to the position-0 attention sink, were the last to be learned). Wall time "
+        f"{report['timing']['total_s']:.1f} s.", "",
         f"All scores and the losses below are measured on {report['eval_loss']['n_sequences']} "
         f"held-out sequences of the classic layout, {report['eval_loss']['layout']}: the only "
         f"repeated tokens are the repeats, so the detection patterns are exact. The previous-token "
@@ -437,9 +456,7 @@ def _checks(report: dict) -> dict[str, dict]:
             "threshold": f"gap <= {LAYOUT_GAP} nats (loss < {LAYOUT_ZERO_LOSS} where the "
                          "predictor's is 0)",
             "value": float(report["layouts"]["n_failing"]),
-            "holds": report["layouts"]["n_failing"] == 0,
-            # a goal not reached yet at periods 8-12 (issue 19): reported, not the job's verdict
-            "goal": True},
+            "holds": report["layouts"]["n_failing"] == 0},
         "repeated-half loss (nats)": {
             "threshold": "< 0.05", "value": report["eval_loss"]["repeated_half"],
             "holds": report["eval_loss"]["repeated_half"] < THRESHOLDS["repeated_loss"]},
@@ -450,9 +467,8 @@ def summary(report: dict) -> str:
     """What was found, in plain words."""
     p, i, k = report["previous_token_head"], report["induction_head"], report["k_composition"]
     pc, ev = report["phase_change"], report["eval_loss"]
-    ok = all(c["holds"] for c in report["checks"].values() if not c.get("goal"))
-    failed = [n for n, c in report["checks"].items() if not c["holds"] and not c.get("goal")]
-    missed = [n for n, c in report["checks"].items() if not c["holds"] and c.get("goal")]
+    failed = [n for n, c in report["checks"].items() if not c["holds"]]
+    ok = not failed
     return "\n".join([
         f"Trained for {report['train']['steps']} steps in {report['timing']['train_s']:.1f} s "
         f"({report['timing']['steps_per_s']:.0f} steps/s after compiling).",
@@ -467,7 +483,6 @@ def summary(report: dict) -> str:
         f"{ev['repeated_half']:.4f} on the repeated half.",
         layouts_sentence(report["layouts"]),
         "All checks hold." if ok else f"Checks that did NOT hold: {', '.join(failed)}.",
-        *([f"Goal not reached yet: {', '.join(missed)}."] if missed else []),
     ])
 
 
@@ -704,4 +719,4 @@ def main(args: argparse.Namespace) -> int:
     report = run(args.out, seed=args.seed, quick=args.quick, steps=args.steps,
                  attention_backend=args.attention_backend,
                  progress=False if args.no_progress else None)
-    return 0 if all(c["holds"] for c in report["checks"].values() if not c.get("goal")) else 1
+    return 0 if all(c["holds"] for c in report["checks"].values()) else 1
