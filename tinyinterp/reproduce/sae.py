@@ -36,7 +36,7 @@ def settings(quick: bool) -> dict:
                      d_sae=20, l1=0.01, sae_steps=1000, sae_batch=256),
         )
     # 8000 steps: the sweep is matmul-bound (~38 T multiply-adds), and no shorter schedule
-    # measured (2000-4000 steps, lr 3e-3 to 2e-2, warm-up, resampling every 100-250 steps from
+    # measured (2000-6000 steps, lr 3e-3 to 2e-2, warm-up, resampling every 100-250 steps from
     # 16-64 batches, batch 64) stays within the full run's seed spread (README, SAE row;
     # ``python benchmarks/sae.py --recipe STEPS``)
     return dict(
