@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -243,7 +244,16 @@ def _compiled(loss_fn, sample_fn, eval_fn, tc: TrainConfig):
 
     def run_chunk(state, start, n_active):
         carry = (state["params"], state["opt_state"], state["key"], state["bad_step"])
-        out_shape = jax.eval_shape(one_step, carry, start)[1]
+        # The step is traced once: its jaxpr gives the metrics' shapes (for the skipped steps'
+        # NaNs) and is what the scan runs (tracing the model's Python again for lax.cond cost
+        # ~1 s per compile, paid on every run since tracing precedes the compile cache).
+        step_jaxpr, (_, out_shape) = jax.make_jaxpr(one_step, return_shape=True)(carry, start)
+        step_tree = jax.tree_util.tree_structure((carry, out_shape))
+        run_step = jax.extend.core.jaxpr_as_fun(step_jaxpr)
+
+        def traced_step(carry, step):
+            flat = run_step(*jax.tree_util.tree_leaves((carry, step)))
+            return jax.tree_util.tree_unflatten(step_tree, flat)
 
         def body(carry, i):
             def skip(carry, step):
@@ -251,7 +261,7 @@ def _compiled(loss_fn, sample_fn, eval_fn, tc: TrainConfig):
                 return carry, nan
 
             active = (i < n_active) & (carry[3] < 0)
-            return jax.lax.cond(active, one_step, skip, carry, start + i)
+            return jax.lax.cond(active, traced_step, skip, carry, start + i)
 
         carry, metrics = jax.lax.scan(body, carry, jnp.arange(chunk, dtype=jnp.int32))
         params, opt_state, key, bad = carry
