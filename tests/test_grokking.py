@@ -192,6 +192,13 @@ def test_phases_on_synthetic_curves():
     assert ph["grok_step"] == 2000 and ph["end"] == 3000
 
 
+def test_quick_is_the_default_setup_capped_and_refuses_paper(tmp_path):
+    assert g.GrokkingConfig().replace(**g.QUICK) == g.GrokkingConfig(max_steps=g.QUICK["max_steps"])
+    with pytest.raises(ValueError, match="does not combine with paper"):
+        g.run(tmp_path, paper=True, quick=True, verbose=False)
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
 @pytest.mark.slow
 def test_reproduce_grokking_quick_finds_every_progress_measure(tmp_path):
     report = g.run(tmp_path, quick=True, verbose=False)  # strict: raises if a finding fails

@@ -589,9 +589,14 @@ KEY_FREQS_RANGE = (3, 7)  # the issue's "3-7 key frequencies"
 KEY_ENERGY_MIN = 0.5  # "carrying most of W_E's Fourier norm": more than half of its energy
 MIN_DELAY = 500  # steps between train and test accuracy reaching 99%
 NEURON_THRESHOLD = 0.85  # the paper's share of variance for "explained by one frequency"
-# quick (CI, the tutorial): a smaller but real run, 480 training pairs instead of 739. p 31 with
-# 50% of pairs train: seed 0, train 99% at step 90, test 99% at 1,330, all checks hold.
-QUICK = dict(p=31, train_fraction=0.5, max_steps=6000)
+# quick (CI, the tutorial): the default setup with half the step cap, so it is the default
+# command's own run (seed 0 groks at step 1,450). Grokking at small p is seed-sensitive, and a
+# CI run must not hang on one lucky seed: measured (session 11, seed 0 first), the default setup
+# passes every check on seeds 0, 1, 3, 4, 5 and fails seed 2 (99% test accuracy only at step
+# 8,870); the previous quick setup (p 31, 50% of pairs) passed on seeds 0 and 2 of 0-3 only, so
+# a change of float rounding could move CI's run off its checks. (p 37 with 50% passed seeds
+# 1-7 but not 0: key frequencies not yet apart at the stop, or a late loss spike.)
+QUICK = dict(max_steps=6000)
 
 
 @functools.partial(jax.jit, static_argnames="step_path")
@@ -880,11 +885,15 @@ def run(out_dir: str | os.PathLike = "reproduce_grokking", *, seed: int = 0, pap
         quick: bool = False, verbose: bool = True, strict: bool = True,
         config: GrokkingConfig | None = None) -> dict:
     """Train, analyse, write report.json / report.md / PNGs / the model into ``out_dir``, print a
-    plain-words summary and return the report. ``paper``: the published setup; ``quick``: a
-    reduced but real run (CI). ``strict``: raise ``GrokkingCheckFailed`` (after writing the
+    plain-words summary and return the report. ``paper``: the published setup; ``quick``: the
+    default setup capped at ``QUICK['max_steps']`` steps (CI and lesson 08; not with ``paper``,
+    whose run needs more). ``strict``: raise ``GrokkingCheckFailed`` (after writing the
     report) if a finding does not hold."""
     from tinyinterp.reproduce._io import write_report
 
+    if paper and quick:
+        raise ValueError("quick is the default setup's capped run; it does not combine with paper "
+                         "(the published setup needs ~7,500 steps to grok)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -941,7 +950,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the published setup: p 113, 30%% of pairs train, weight decay 1 "
                              "(default: p 43, 40%%, weight decay 3, the three phases apart in "
                              "well under a minute)")
-    parser.add_argument("--quick", action="store_true", help="reduced but real run (CI)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the default setup capped at 6,000 steps (CI); not with --paper")
 
 
 def main(args: argparse.Namespace) -> int:
