@@ -303,7 +303,10 @@ def grouped_last_position_logits(params: dict, cfg: TransformerConfig,
 
     - Every per-token quantity is computed once per distinct (token, position) and looked up:
       the query, keys and values, and the last token's own residual already multiplied into the
-      MLP's input and the logits ([group, d_mlp + d_vocab_out]). Where a position holds one token
+      MLP's input and the logits ([group, d_mlp + d_vocab_out]); where one query serves every row
+      (the last position holds "=" in every pair), the attention scores too ([group, head] per
+      key position, not [batch, head, d_head] keys per row: ~4% less time per step at p 113,
+      session 11, same process). Where a position holds one token
       for the whole batch (the "=" at the end of every pair) its table is broadcast, not
       gathered; elsewhere the lookups' gradients are gathers and sums over each token's rows
       (``_rows``), not XLA's slow scatter-add.
@@ -325,13 +328,20 @@ def grouped_last_position_logits(params: dict, cfg: TransformerConfig,
         return jnp.einsum("gm,hmd->ghd", x, W) + b[None]
 
     x_last = W_E[groups.tokens[-1]] + W_pos[n_pos - 1][None]  # [group, d_model]
-    q = _per_row(heads(x_last, at["W_Q"], at["b_Q"]), groups, n_pos - 1)  # [batch | 1, head, d_head]
+    q = heads(x_last, at["W_Q"], at["b_Q"])  # [group, head, d_head]
+    one_query = q.shape[0] == 1  # one token at the last position (the "=" of every pair)
+    if not one_query:
+        q = _per_row(q, groups, n_pos - 1)  # [batch, head, d_head]
     scores, values = [], []
     for pos in range(n_pos):
         x = W_E[groups.tokens[pos]] + W_pos[pos][None]  # [group, d_model]
-        k = _per_row(heads(x, at["W_K"], at["b_K"]), groups, pos)
+        k = heads(x, at["W_K"], at["b_K"])  # [group, head, d_head]
         values.append(_per_row(heads(x, at["W_V"], at["b_V"]), groups, pos))
-        scores.append(jnp.broadcast_to(jnp.sum(q * k, axis=-1), (n_batch, n_heads)))
+        if one_query:  # a score per (key token, head), looked up per row
+            s = _per_row(jnp.sum(q * k, axis=-1), groups, pos)  # [batch | 1, head]
+        else:
+            s = jnp.sum(q * _per_row(k, groups, pos), axis=-1)
+        scores.append(jnp.broadcast_to(s, (n_batch, n_heads)))
     pattern = jax.nn.softmax(jnp.stack(scores, axis=1) / jnp.float32(math.sqrt(d_head)), axis=1)
     z = sum(pattern[:, pos, :, None] * values[pos] for pos in range(n_pos))  # [batch, head, d_head]
     z = z.reshape(n_batch, n_heads * d_head)
