@@ -339,14 +339,33 @@ def save(i):
     C._atomic_write_dir(dst, files, config)
 
 def in_child(fn):
+    # SIGINT is blocked across the fork and unblocked in the child inside the try. Without the
+    # block, a SIGINT sent right after the fork could be lost: CPython's fork clears the child's
+    # pending signal flags after the kernel has already delivered it, and the child then saved
+    # for ever (a 300 s timeout in one CI run; reproduced every time with kills at t = 0)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     pid = os.fork()
     if pid == 0:
         try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             fn()
         except BaseException:
             os._exit(1)
         os._exit(0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     return pid
+
+def wait_or_fail(pid, what, limit=60.0):
+    # a child that outlives its signal by a minute is a save that ignored it: say so, not hang
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    sys.exit(f"{what}: the saving child was still running {limit:.0f} s after its signal")
 
 def kill_at(k, torn):
     # SIGKILL this process just before filesystem step k of the save (or, torn: halfway
@@ -376,7 +395,7 @@ n_states = 0
 for torn in (False, True):
     for k in range(100):
         fresh()
-        _, status = os.waitpid(in_child(lambda: kill_at(k, torn)), 0)
+        status = wait_or_fail(in_child(lambda: kill_at(k, torn)), f"kill at step {k}")
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
             break
         if os.WIFEXITED(status):
@@ -394,7 +413,7 @@ for j in range(n_random):
     pid = in_child(lambda: [save(i) for i in range(10**9)])
     time.sleep(rng.uniform(0, 3 * per_save))
     os.kill(pid, sig)
-    os.waitpid(pid, 0)
+    wait_or_fail(pid, f"random kill {j} ({sig.name})")
     shutil.copytree(out, work / "states" / f"random{j}-{sig.name}", symlinks=True)
 print(json.dumps({"steps": n_states, "per_save_s": per_save, "s": time.perf_counter() - t_start}))
 """
