@@ -88,10 +88,11 @@ def test_feature_dimensionality_of_tegum_products(names, n_dedicated, n_dropped,
 
 def test_represented_count_threshold_is_strict():
     # the paper's 'represented' is ||W_i|| > 0.5: a norm of exactly 0.5 (in float32) is not
-    W = np.array([[0.5, 0.0], [0.0, 0.5], [0.3, 0.4], [0.0, 0.5001], [0.50000001201, 0.0]])
+    # (norms exact in float32: one non-zero entry per row)
+    W = np.array([[0.5, 0.0], [0.0, -0.5], [0.0, 0.5001], [0.50000001201, 0.0]])
     assert np.float32(0.50000001201) == np.float32(0.5)
     assert int(sp.represented_count(jnp.asarray(W, jnp.float32))) == 1
-    assert int(sp.represented_count(jnp.asarray(W, jnp.float32), threshold=0.4)) == 5
+    assert int(sp.represented_count(jnp.asarray(W, jnp.float32), threshold=0.4)) == 4
 
 
 def test_interference_and_norms_on_known_geometry():
