@@ -601,12 +601,12 @@ MIN_DELAY = 500  # steps between train and test accuracy reaching 99%
 NEURON_THRESHOLD = 0.85  # the paper's share of variance for "explained by one frequency"
 # quick (CI, the tutorial): the default setup with half the step cap, so it is the default
 # command's own run (seed 0 groks at step 1,390). Grokking at small p is seed-sensitive, and a
-# CI run must not hang on one lucky seed: measured (session 11), the default setup passes every
+# CI run must not depend on one lucky seed: measured (session 11), the default setup passes every
 # check on seeds 0, 1, 3, 4, 5 and fails seed 2 (99% test accuracy only at step 7,030), with
 # both this step and the one before it (which moves the runs by float rounding); the previous
-# quick setup (p 31, 50% of pairs) passed on seeds 0 and 2 of 0-3 only, so
-# a change of float rounding could move CI's run off its checks. (p 37 with 50% passed seeds
-# 1-7 but not 0: key frequencies not yet apart at the stop, or a late loss spike.)
+# quick setup (p 31, 50% of pairs) passed on seeds 0 and 2 of 0-3 only, so a change of float
+# rounding could move CI's run off its checks. (p 37 with 50% passed seeds 1-7 but not 0: key
+# frequencies not yet apart at the stop, or a late loss spike.)
 QUICK = dict(max_steps=6000)
 
 
@@ -962,7 +962,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: p 43, 40%%, weight decay 3, the three phases apart in "
                              "well under a minute)")
     parser.add_argument("--quick", action="store_true",
-                        help="the default setup capped at 6,000 steps (CI); not with --paper")
+                        help=f"the default setup capped at {QUICK['max_steps']:,} steps (CI); "
+                             "not with --paper")
 
 
 def main(args: argparse.Namespace) -> int:
