@@ -141,16 +141,12 @@ def _kernels(plan: Plan, p: dict, resid: jax.Array, layer: int, cfg: Transformer
     scale = 1.0 / math.sqrt(cfg.d_head)
     x = spec.normalize(resid, ln, f"blocks.{layer}.ln1", cfg, hp, affine=False)  # w, b folded
     want_s, want_p = hp.wants(f"{a}.hook_attn_scores"), hp.wants(f"{a}.hook_pattern")
-    if plan.qkv == "packed":  # q, k, v never leave the packed array
+    if plan.qkv == "packed":  # q, k, v never leave the packed array; nobody reads the pattern
         W, bias = _packed_weights(pa, ln, cfg)
         # [batch*pos, d_model] @ [d_model, 3*head*d_head] -> [batch, pos, 3, head, d_head]
         qkv = spec.linear(x, W, bias).reshape(
             *x.shape[:2], 3, cfg.n_heads, cfg.d_head)
-        z, scores, pattern = kernels.packed_causal_attention(
-            qkv, backend="numba", scale=scale, scores=want_s, pattern=want_p)
-        for name, value in ((f"{a}.hook_attn_scores", scores), (f"{a}.hook_pattern", pattern)):
-            if value is not None:
-                hp(name, value)  # read, not edited (the plan's guarantee)
+        z, _, _ = kernels.packed_causal_attention(qkv, backend="numba", scale=scale)
     else:
         W, bias = _packed_weights(pa, ln, cfg)  # q, k, v from one [d_model, 3*head*d_head] matrix
         if plan.qkv == "kernel":
