@@ -69,7 +69,10 @@ _off = threading.local()
 def disabled(*paths: str):
     """Plan without the named fast paths while the block runs ("fused", "packed", "qkv_kernel",
     "writes", "split", "out_kernel", or "numba" for all of them). Only traces made inside the
-    block see it: use a fresh ``jax.jit`` inside it."""
+    block see it: use a fresh ``jax.jit`` inside it, and call ``jax.clear_caches()`` first where
+    the function calls jitted functions of its own (``tinyinterp.attribution``'s methods, for
+    one): JAX reuses their traces whatever this block says. Compare the two programs' text
+    (``.lower(...).as_text()``) to see that they differ."""
     known = {"fused", "packed", "qkv_kernel", "writes", "split", "out_kernel", "numba"}
     if not set(paths) <= known:
         raise ValueError(f"unknown fast paths {sorted(set(paths) - known)}; known: {sorted(known)}")
